@@ -1,0 +1,1 @@
+"""YOLOv9 (GELAN + PGI) in JAX/Flax."""
