@@ -1,0 +1,40 @@
+"""Test setup: fast XLA:CPU convolutions, a persistent compilation cache, the shared spec."""
+import os
+import pathlib
+import sys
+
+# Must happen before JAX starts. XLA:CPU's default YNN fusion makes conv weight-gradients 6-19x
+# slower; appending keeps whatever the caller set.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_cpu_experimental_ynn_fusion_type=").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SPEC_DIR = REPO_ROOT.parent / "shared" / "spec"
+
+jax.config.update("jax_compilation_cache_dir", str(REPO_ROOT / ".cache" / "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+sys.path.insert(0, str(SPEC_DIR / "golden"))
+
+
+@pytest.fixture(scope="session")
+def spec_dir():
+  if not SPEC_DIR.is_dir():
+    pytest.fail(f"the official spec is missing: expected {SPEC_DIR} (shared/ beside the repo)")
+  return SPEC_DIR
+
+
+@pytest.fixture(scope="session")
+def gelan_t_20_classes():
+  """gelan-t with 20 classes, freshly initialised: (model, variables). Compiling an init takes
+  about 30 s on 2 cores, so the test files share this one."""
+  import jax.numpy as jnp
+
+  from yolov9_jax import models
+  model = models.build("gelan-t", num_classes=20)
+  variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
+                                         train=False))()
+  return model, variables
