@@ -89,8 +89,9 @@ def compute_loss(outs, targets, *, num_classes, image_size, config=None):
     "valid": (B, M) bool}. Slots whose box is not finite or has no area count as padding.
   image_size: (H, W) of the input in pixels, checked against the maps.
   Returns (total, parts): total = (box + cls + dfl) x batch_size (see the module docstring);
-  parts: "box", "cls", "dfl" after gains (the official logged items), per-branch unweighted values
-  "<branch>/box" etc., and "<branch>/positives", the assigner's number of positive anchors.
+  parts: "box", "cls", "dfl" after gains (the official logged items); "<branch>/box" etc., one
+  branch's terms after gains but before the aux weight (the official aux-only / main-only values);
+  "<branch>/positives", the assigner's number of positive anchors.
   """
   config = config or default_config()
   height, width = image_size
@@ -109,11 +110,9 @@ def compute_loss(outs, targets, *, num_classes, image_size, config=None):
     (box, cls, dfl), assignment = branch_loss(outs[branch], targets, gt_valid, config)
     share = config.aux_weight if branch == "aux" else 1.0
     for name, value in (("box", box), ("cls", cls), ("dfl", dfl)):
-      parts[f"{branch}/{name}"] = value
-      weighted[name] = weighted[name] + share * value
+      parts[f"{branch}/{name}"] = config[f"{name}_gain"] * value
+      weighted[name] = weighted[name] + share * parts[f"{branch}/{name}"]
     parts[f"{branch}/positives"] = jnp.sum(assignment.positives)
-  parts["box"] = config.box_gain * weighted["box"]
-  parts["cls"] = config.cls_gain * weighted["cls"]
-  parts["dfl"] = config.dfl_gain * weighted["dfl"]
+  parts.update(weighted)
   total = (parts["box"] + parts["cls"] + parts["dfl"]) * batch_size
   return total, parts
