@@ -81,12 +81,21 @@ def to_torch_state_dict(architecture: str, variables) -> dict:
   return {key: state_dict[key] for key in sorted(state_dict, key=_official_order)}
 
 
+def _abstract_variables(architecture, num_classes):
+  """The variables' shapes and dtypes, traced without computing anything."""
+  model = models.build(architecture, num_classes)
+  return jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False))
+
+
+def _state_dict_shapes(architecture, abstract_variables):
+  return {key: np.shape(value)
+          for key, value in to_torch_state_dict(architecture, abstract_variables).items()}
+
+
 def expected_state_dict_shapes(architecture: str, num_classes: int) -> dict:
   """``{official key: shape}`` of the state_dict of ``architecture`` with ``num_classes``."""
-  model = models.build(architecture, num_classes)
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False))
-  return {key: np.shape(value) for key, value in to_torch_state_dict(architecture, abstract).items()}
+  return _state_dict_shapes(architecture, _abstract_variables(architecture, num_classes))
 
 
 def _class_count(architecture, state_dict):
@@ -108,7 +117,8 @@ def from_torch_state_dict(architecture: str, state_dict, num_classes=None):
                      f"{sorted(models.ARCHITECTURES)}")
   checkpoint_classes = _class_count(architecture, state_dict)
   num_classes = checkpoint_classes if num_classes is None else num_classes
-  expected = expected_state_dict_shapes(architecture, num_classes)
+  abstract = _abstract_variables(architecture, num_classes)
+  expected = _state_dict_shapes(architecture, abstract)
   problems = []
   if checkpoint_classes != num_classes:
     problems.append(f"the checkpoint has {checkpoint_classes} classes, the model {num_classes}")
@@ -128,9 +138,6 @@ def from_torch_state_dict(architecture: str, state_dict, num_classes=None):
     if not np.array_equal(np.asarray(state_dict[key], np.float32), _dfl_weight()):
       raise ValueError(f"state_dict key {key} must hold the fixed DFL bins 0..{REG_MAX - 1}")
 
-  model = models.build(architecture, num_classes)
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False))
   flat = {"params": {}, "batch_stats": {}}
   for key, collection, path, _ in _torch_entries(abstract):
     flat[collection][path] = _from_torch_layout(np.asarray(state_dict[key], dtype=np.float32))

@@ -61,7 +61,7 @@ def branch_loss(maps, targets, gt_valid, config):
   class_logits = flat[..., 4 * reg_max:]
   points, strides = heads.anchor_points_and_strides([m.shape[1:3] for m in maps])
   strides = strides[:, None]
-  distances = jax.nn.softmax(bin_logits, axis=-1) @ jnp.arange(reg_max, dtype=jnp.float32)
+  distances = heads.dfl_expectation(flat[..., :4 * reg_max])
   pred_boxes_grid = boxes.distances_to_boxes(points, distances)  # x1, y1, x2, y2 in grid units
 
   assignment = assign(
