@@ -1,0 +1,1 @@
+"""Input pipeline: sources, the official augmentations, batching."""
