@@ -1,0 +1,126 @@
+"""Prepare any COCO-format dataset (instances JSON + image folder) as a TFDS dataset, once.
+
+Category ids may be sparse (COCO's 1..90): training labels are their ranks 0..K-1 in id order,
+and ``categories.json`` beside the prepared dataset maps them back (label, id, name).
+
+Bad input never stops the preparation and never passes silently; ``PrepareReport`` counts it:
+unreadable or truncated images are skipped; grayscale, CMYK, palette and alpha images are
+converted to RGB; EXIF orientation is applied (annotation tools and the official loader both see
+the rotated image); boxes are clipped to the image and dropped when nothing is left; images
+without annotations are kept as background; ``iscrowd`` annotations are kept, flagged, for
+evaluation. Category ids missing from the JSON's ``categories`` are an error that names them.
+"""
+import collections
+import dataclasses
+import io
+import json
+import pathlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image, ImageOps
+
+CATEGORIES_FILE = "categories.json"
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclasses.dataclass
+class PrepareReport:
+  images: int = 0
+  skipped_unreadable: list = dataclasses.field(default_factory=list)  # file names
+  converted_to_rgb: int = 0
+  exif_rotated: int = 0
+  without_annotations: int = 0
+  boxes: int = 0
+  boxes_clipped: int = 0
+  boxes_dropped_empty: int = 0
+  crowd_boxes: int = 0
+
+
+def _features(class_names):
+  return tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(None, None, 3)),
+      "image_id": np.int64,
+      "objects": tfds.features.Sequence({
+          "bbox": tfds.features.BBoxFeature(),  # ymin, xmin, ymax, xmax normalised to [0, 1]
+          "label": tfds.features.ClassLabel(names=class_names),
+          "category_id": np.int64,  # the dataset's own id, e.g. COCO's sparse 1..90
+          "is_crowd": np.bool_,
+      }),
+  })
+
+
+def _load_rgb(path, report):
+  """The image's original bytes when they decode to plain RGB as stored, else a converted RGB
+  array (TFDS stores it losslessly): (bytes or array, (height, width)), or (None, None)."""
+  try:
+    with Image.open(path) as image:
+      image.load()  # decodes fully: truncated files fail here
+      rotated = image.getexif().get(_EXIF_ORIENTATION, 1) != 1
+      needs_rgb = image.mode != "RGB"
+      if not rotated and not needs_rgb and image.format in ("JPEG", "PNG"):
+        return pathlib.Path(path).read_bytes(), (image.height, image.width)
+      report.exif_rotated += rotated
+      report.converted_to_rgb += needs_rgb
+      rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+      return rgb, rgb.shape[:2]
+  except (OSError, SyntaxError, ValueError):
+    report.skipped_unreadable.append(pathlib.Path(path).name)
+    return None, (None, None)
+
+
+def _examples(coco, images_dir, label_of_id, report):
+  annotations_by_image = collections.defaultdict(list)
+  for annotation in coco.get("annotations", []):
+    annotations_by_image[annotation["image_id"]].append(annotation)
+  for info in coco["images"]:
+    image, (height, width) = _load_rgb(pathlib.Path(images_dir) / info["file_name"], report)
+    if image is None:
+      continue
+    objects = {"bbox": [], "label": [], "category_id": [], "is_crowd": []}
+    for annotation in annotations_by_image.get(info["id"], []):
+      x, y, w, h = (float(v) for v in annotation["bbox"])
+      x1, y1 = np.clip([x, y], 0, [width, height])
+      x2, y2 = np.clip([x + w, y + h], 0, [width, height])
+      report.boxes_clipped += bool((x1, y1, x2, y2) != (x, y, x + w, y + h) and x2 > x1 and y2 > y1)
+      if not (x2 > x1 and y2 > y1):
+        report.boxes_dropped_empty += 1
+        continue
+      crowd = bool(annotation.get("iscrowd", 0))
+      report.crowd_boxes += crowd
+      report.boxes += 1
+      objects["bbox"].append(tfds.features.BBox(y1 / height, x1 / width, y2 / height, x2 / width))
+      objects["label"].append(label_of_id[annotation["category_id"]])
+      objects["category_id"].append(annotation["category_id"])
+      objects["is_crowd"].append(crowd)
+    report.images += 1
+    report.without_annotations += not objects["bbox"]
+    if isinstance(image, bytes):
+      image = io.BytesIO(image)
+    yield str(info["id"]), {"image": image, "image_id": info["id"], "objects": objects}
+
+
+def prepare(annotations_json, images_dir, data_dir, name, split="train", version="1.0.0"):
+  """Writes the TFDS dataset ``name`` (split ``split``) under ``data_dir``; returns
+  (builder, PrepareReport). Read it back with ``tfds.builder(name, data_dir=data_dir)``."""
+  coco = json.loads(pathlib.Path(annotations_json).read_text())
+  categories = sorted(coco["categories"], key=lambda c: c["id"])
+  label_of_id = {c["id"]: label for label, c in enumerate(categories)}
+  unknown = sorted({a["category_id"] for a in coco.get("annotations", [])} - set(label_of_id))
+  if unknown:
+    raise ValueError(f"{annotations_json}: annotations use category ids {unknown} that its "
+                     f"'categories' list does not define (known: {sorted(label_of_id)})")
+  report = PrepareReport()
+  builder = tfds.dataset_builders.store_as_tfds_dataset(
+      name=name, version=version, features=_features([c["name"] for c in categories]),
+      split_datasets={split: _examples(coco, images_dir, label_of_id, report)},
+      data_dir=str(data_dir), file_format="array_record", disable_shuffling=True)
+  (pathlib.Path(builder.data_dir) / CATEGORIES_FILE).write_text(json.dumps(
+      [{"label": label, "id": c["id"], "name": c["name"]} for label, c in enumerate(categories)]))
+  return builder, report
+
+
+def category_ids(builder):
+  """label -> the dataset's own category id, as prepared (for evaluation and export)."""
+  entries = json.loads((pathlib.Path(builder.data_dir) / CATEGORIES_FILE).read_text())
+  return [entry["id"] for entry in sorted(entries, key=lambda e: e["label"])]
