@@ -76,3 +76,35 @@ def test_unknown_category_ids_are_named_at_prepare_time(tmp_path):
   annotations.write_text(json.dumps(coco))
   with pytest.raises(ValueError, match=r"category ids \[3, 77\]"):
     coco_format.prepare(annotations, images_dir, tmp_path / "tfds", "fixture_bad")
+
+
+def test_yolo_format_folder_takes_the_same_route(tmp_path):
+  from yolov9_jax.data import yolo_format
+  (tmp_path / "images" / "a").mkdir(parents=True)
+  (tmp_path / "labels" / "a").mkdir(parents=True)
+  Image.fromarray(np.zeros((50, 100, 3), np.uint8)).save(tmp_path / "images" / "a" / "one.jpg")
+  Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "images" / "two.png")
+  (tmp_path / "labels" / "a" / "one.txt").write_text(
+      "1 0.5 0.5 0.2 0.4\n0 0.1 0.1 0.3 0.1 0.3 0.5 0.1 0.5\n")  # a box, then a polygon
+  (tmp_path / "data.yaml").write_text("names: {0: cat, 1: dog}\n")
+  names = yolo_format.class_names(tmp_path / "data.yaml")
+  coco = yolo_format.to_coco(tmp_path / "images", tmp_path / "labels", names)
+  builder, report = coco_format.prepare(coco, tmp_path / "images", tmp_path / "tfds", "fixture_yolo")
+  assert (report.images, report.boxes, report.without_annotations) == (2, 2, 1)
+  assert coco_format.category_ids(builder) == [0, 1]
+  source = builder.as_data_source(split="train")
+  one = next(source[i] for i in range(len(source)) if source[i]["image"].shape == (50, 100, 3))
+  np.testing.assert_array_equal(one["objects"]["label"], [1, 0])
+  np.testing.assert_allclose(one["objects"]["bbox"], [[0.3, 0.4, 0.7, 0.6], [0.1, 0.1, 0.5, 0.3]],
+                             rtol=1e-6)
+
+
+def test_yolo_labels_with_an_unknown_class_are_named(tmp_path):
+  from yolov9_jax.data import yolo_format
+  (tmp_path / "images").mkdir()
+  (tmp_path / "labels").mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "x.png")
+  (tmp_path / "labels" / "x.txt").write_text("7 0.5 0.5 0.5 0.5\n")
+  coco = yolo_format.to_coco(tmp_path / "images", tmp_path / "labels", ["only"])
+  with pytest.raises(ValueError, match=r"category ids \[7\]"):
+    coco_format.prepare(coco, tmp_path / "images", tmp_path / "tfds", "fixture_yolo_bad")

@@ -100,15 +100,17 @@ def _examples(coco, images_dir, label_of_id, report):
     yield str(info["id"]), {"image": image, "image_id": info["id"], "objects": objects}
 
 
-def prepare(annotations_json, images_dir, data_dir, name, split="train", version="1.0.0"):
+def prepare(annotations, images_dir, data_dir, name, split="train", version="1.0.0"):
   """Writes the TFDS dataset ``name`` (split ``split``) under ``data_dir``; returns
-  (builder, PrepareReport). Read it back with ``tfds.builder(name, data_dir=data_dir)``."""
-  coco = json.loads(pathlib.Path(annotations_json).read_text())
+  (builder, PrepareReport). ``annotations``: a COCO instances JSON path, or its dict.
+  Read it back with ``tfds.builder(name, data_dir=data_dir).as_data_source(split)``."""
+  coco = annotations if isinstance(annotations, dict) else json.loads(
+      pathlib.Path(annotations).read_text())
   categories = sorted(coco["categories"], key=lambda c: c["id"])
   label_of_id = {c["id"]: label for label, c in enumerate(categories)}
   unknown = sorted({a["category_id"] for a in coco.get("annotations", [])} - set(label_of_id))
   if unknown:
-    raise ValueError(f"{annotations_json}: annotations use category ids {unknown} that its "
+    raise ValueError(f"{name}: annotations use category ids {unknown} that the dataset's "
                      f"'categories' list does not define (known: {sorted(label_of_id)})")
   report = PrepareReport()
   builder = tfds.dataset_builders.store_as_tfds_dataset(
