@@ -85,8 +85,8 @@ def affine_matrix(in_hw, out_hw, scale, translate_xy_fraction):
   """The official random_perspective matrix without rotation/shear/perspective: move the input
   centre to the origin, scale, then move to (0.5 + t) x output size. (3, 3) float32."""
   in_h, in_w = tf.cast(in_hw[0], tf.float32), tf.cast(in_hw[1], tf.float32)
-  tx = (0.5 + translate_xy_fraction[0]) * out_hw[1]
-  ty = (0.5 + translate_xy_fraction[1]) * out_hw[0]
+  tx = (0.5 + translate_xy_fraction[0]) * float(out_hw[1])
+  ty = (0.5 + translate_xy_fraction[1]) * float(out_hw[0])
   return tf.stack([[scale, 0.0, tx - scale * in_w / 2],
                    [0.0, scale, ty - scale * in_h / 2],
                    [0.0, 0.0, 1.0]])

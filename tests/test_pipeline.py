@@ -1,0 +1,131 @@
+"""Training/eval batches: static shapes, determinism per (seed, step), process shards, bad input."""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from yolov9_jax.data import coco_format, pipeline, shapes
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def shapes_source(tmp_path_factory):
+  root = tmp_path_factory.mktemp("shapes")
+  annotations = shapes.generate(root / "raw", num_images=24, image_hw=(96, 128), seed=0)
+  builder, report = coco_format.prepare(annotations, root / "raw" / "images", root / "tfds",
+                                        "shapes_fixture")
+  assert report.images == 24 and not report.skipped_unreadable
+  return builder.as_data_source(split="train")
+
+
+def _config(**overrides):
+  config = pipeline.default_config()
+  config.update(dict(image_size=SIZE, max_boxes=40, workers=2, seed=3), **overrides)
+  return config
+
+
+def test_batches_have_static_shapes_and_boxes_inside_the_image(shapes_source):
+  batch = pipeline.TrainPipeline(shapes_source, _config(), global_batch_size=4).batch(0)
+  assert batch["images"].shape == (4, SIZE, SIZE, 3) and batch["images"].dtype == np.uint8
+  assert batch["boxes"].shape == (4, 40, 4) and batch["classes"].shape == batch["valid"].shape == (4, 40)
+  boxes = batch["boxes"][batch["valid"]]
+  assert len(boxes) > 0
+  assert (boxes >= 0).all() and (boxes <= SIZE).all()
+  assert ((boxes[:, 2] - boxes[:, 0]) > 2).all() and ((boxes[:, 3] - boxes[:, 1]) > 2).all()
+  assert set(batch["classes"][batch["valid"]]) <= {0, 1, 2}
+
+
+def test_the_batch_at_a_step_depends_only_on_seed_and_step(shapes_source):
+  first = pipeline.TrainPipeline(shapes_source, _config(), global_batch_size=4)
+  second = pipeline.TrainPipeline(shapes_source, _config(), global_batch_size=4)
+  resumed = next(second(start_step=5))  # a resumed run: step 5 straight away, nothing replayed
+  for key, value in first.batch(5).items():
+    np.testing.assert_array_equal(value, resumed[key], err_msg=key)
+  assert not np.array_equal(first.batch(6)["images"], resumed["images"])
+  other_seed = pipeline.TrainPipeline(shapes_source, _config(seed=4), global_batch_size=4).batch(5)
+  assert not np.array_equal(other_seed["images"], resumed["images"])
+
+
+def test_two_processes_get_disjoint_shards_that_cover_each_epoch(shapes_source):
+  per_process = [pipeline.TrainPipeline(shapes_source, _config(), global_batch_size=8,
+                                        process_index=p, process_count=2) for p in range(2)]
+  steps_per_epoch = per_process[0].steps_per_epoch
+  assert steps_per_epoch == 3
+  for epoch in range(2):
+    seen = [np.concatenate([p.sample_indices(epoch * steps_per_epoch + s) for s in range(steps_per_epoch)])
+            for p in per_process]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(np.concatenate(seen)) == list(range(24))
+  assert per_process[1].batch(0)["images"].shape == (4, SIZE, SIZE, 3)
+
+
+def test_more_boxes_than_slots_are_counted_not_silently_cut(shapes_source):
+  train = pipeline.TrainPipeline(shapes_source, _config(max_boxes=1, mixup=1.0), global_batch_size=4)
+  batch = train.batch(0)
+  assert batch["valid"].sum(axis=1).max() == 1
+  assert train.counters.boxes_over_max > 0
+
+
+def test_last_epochs_train_without_mosaic(shapes_source):
+  train = pipeline.TrainPipeline(shapes_source, _config(close_mosaic_epochs=2), global_batch_size=4,
+                                 total_epochs=2)
+  train._mosaic = None  # the mosaic path must not run: calling it would raise
+  batch = train.batch(0)
+  assert batch["images"].shape == (4, SIZE, SIZE, 3) and batch["valid"].any()
+
+
+class _FlakySource:
+  """A source whose example 0 cannot be decoded."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    if index == 0:
+      raise OSError("image file is truncated")
+    return self.source[index]
+
+
+def test_an_unreadable_example_is_replaced_and_counted(shapes_source):
+  train = pipeline.TrainPipeline(_FlakySource(shapes_source), _config(mosaic=0.0),
+                                 global_batch_size=24)
+  batch = train.batch(0)  # one epoch in one batch: example 0 is in it
+  assert batch["images"].shape[0] == 24
+  assert train.counters.samples_unreadable == 1
+
+
+def test_eval_batches_letterbox_and_pad_the_last_batch(shapes_source):
+  batches = list(pipeline.eval_batches(shapes_source, batch_size=5, image_size=SIZE,
+                                       process_index=0, process_count=1))
+  assert len(batches) == 5 and batches[-1]["example_valid"].tolist() == [True] * 4 + [False]
+  ids = np.concatenate([b["image_id"][b["example_valid"]] for b in batches])
+  assert sorted(ids) == list(range(1, 25))
+  for b in batches:
+    for hw, ratio, pad in zip(b["original_hw"][b["example_valid"]], b["ratio"], b["pad_xy"]):
+      content_hw = np.round(hw * ratio)
+      assert content_hw.max() == SIZE  # the long side fills the image
+      np.testing.assert_allclose(pad, np.floor((SIZE - content_hw[::-1]) / 2))
+
+
+def test_process_batches_become_one_global_array_on_the_mesh(shapes_source):
+  train = pipeline.TrainPipeline(shapes_source, _config(), global_batch_size=8)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  batch = next(pipeline.prefetch_to_device(train(), mesh))
+  assert batch["images"].shape == (8, SIZE, SIZE, 3)
+  assert len(batch["images"].sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(batch["boxes"]), train.batch(0)["boxes"])
+
+
+def test_a_grid_of_augmented_samples_is_saved_with_boxes_drawn(shapes_source, tmp_path):
+  from PIL import Image
+
+  from yolov9_jax.data import visualize
+  batch = pipeline.TrainPipeline(shapes_source, _config(), global_batch_size=4).batch(0)
+  path = visualize.save_batch_grid(batch, ["circle", "square", "triangle"], tmp_path / "train_batch0.png")
+  grid = np.asarray(Image.open(path))
+  assert grid.shape == (2 * SIZE, 2 * SIZE, 3)
+  assert not np.array_equal(grid[:SIZE, :SIZE], batch["images"][0])  # boxes were drawn on it
