@@ -81,8 +81,10 @@ def _affine(image, boxes, scale, translate_xy, size):
 
 
 def _mosaic_affine(im0, b0, im1, b1, im2, b2, im3, b3, centre_xy, scale, translate_xy, size):
-  canvas, boxes = transforms.mosaic([im0, im1, im2, im3], [b0, b1, b2, b3], centre_xy, size)
-  return _affine(canvas, boxes, scale, translate_xy, size)
+  image, boxes, matrix = transforms.mosaic_affine(
+      [im0, im1, im2, im3], [b0, b1, b2, b3], centre_xy, size, scale, translate_xy, size)
+  moved = transforms.transform_boxes(boxes, matrix, (size, size))
+  return image, moved, transforms.box_candidates(boxes, moved, scale)
 
 
 def _letterbox_affine(image, boxes, scale, translate_xy, size):

@@ -81,6 +81,56 @@ def mosaic(images, boxes_list, centre_xy, tile_size):
   return tf.ensure_shape(canvas, (canvas_size, canvas_size, 3)), tf.concat(moved, 0)
 
 
+def _resample_rectangle(image, scale, offset_xy, row_range, col_range):
+  """Bilinear samples of ``image`` for output rows/cols [start, stop), where output position p
+  reads source position (p - offset) / scale (pixel centres at integers, as OpenCV's warpAffine);
+  114 outside the image. Shape (rows, cols, 3) float32; either may be 0."""
+  height = tf.maximum(tf.cast(tf.shape(image)[0], tf.float32) - 1, 1.0)
+  width = tf.maximum(tf.cast(tf.shape(image)[1], tf.float32) - 1, 1.0)
+  rows, cols = row_range[1] - row_range[0], col_range[1] - col_range[0]
+  first_y = (tf.cast(row_range[0], tf.float32) - offset_xy[1]) / scale
+  first_x = (tf.cast(col_range[0], tf.float32) - offset_xy[0]) / scale
+  last_y = first_y + tf.cast(tf.maximum(rows - 1, 0), tf.float32) / scale
+  last_x = first_x + tf.cast(tf.maximum(cols - 1, 0), tf.float32) / scale
+  box = tf.stack([first_y / height, first_x / width, last_y / height, last_x / width])
+  crop = tf.stack([tf.maximum(rows, 1), tf.maximum(cols, 1)])
+  sample = tf.image.crop_and_resize(image[None], box[None], [0], crop,
+                                    extrapolation_value=float(FILL_VALUE))[0]
+  return sample[:rows, :cols]
+
+
+def mosaic_affine(images, boxes_list, centre_xy, tile_size, scale, translate_xy_fraction, out_size):
+  """``mosaic`` followed by ``warp_affine`` with ``affine_matrix`` (scale and translation only),
+  without building the canvas. Such a warp keeps the four mosaic quadrants axis-aligned, so they
+  tile the output as a 2x2 grid and each image is sampled only over its own rectangle (about 15x
+  less work). Pixels equal the two-step result except on one-pixel lines along the seams and the
+  images' borders, where the canvas route blends neighbours (or the grey fill) bilinearly.
+
+  Returns (image uint8 (out_size, out_size, 3), canvas boxes (N, 4), the matrix) for
+  ``transform_boxes`` / ``box_candidates``.
+  """
+  canvas_size = 2 * tile_size
+  matrix = affine_matrix((canvas_size, canvas_size), (out_size, out_size), scale, translate_xy_fraction)
+  # The output row / column where the canvas centre's pixel boundary falls.
+  positions = tf.range(out_size, dtype=tf.float32)
+  centre = tf.cast(centre_xy, tf.float32)
+  col_split = tf.reduce_sum(tf.cast((positions - matrix[0, 2]) / scale < centre[0] - 0.5, tf.int32))
+  row_split = tf.reduce_sum(tf.cast((positions - matrix[1, 2]) / scale < centre[1] - 0.5, tf.int32))
+  ranges = [((0, row_split), (0, col_split)), ((0, row_split), (col_split, out_size)),
+            ((row_split, out_size), (0, col_split)), ((row_split, out_size), (col_split, out_size))]
+  hw_list = [(tf.shape(im)[0], tf.shape(im)[1]) for im in images]
+  quadrants, moved = [], []
+  for image, boxes, (y1, _, x1, _, sy1, sx1), (row_range, col_range) in zip(
+      images, boxes_list, _placements(hw_list, centre_xy, canvas_size), ranges):
+    offset = tf.cast(tf.stack([x1 - sx1, y1 - sy1]), tf.float32)  # image origin on the canvas
+    quadrants.append(_resample_rectangle(image, scale, matrix[:2, 2] + scale * offset,
+                                         row_range, col_range))
+    moved.append(tf.clip_by_value(boxes + tf.tile(offset, [2]), 0.0, float(canvas_size)))
+  out = tf.concat([tf.concat(quadrants[:2], 1), tf.concat(quadrants[2:], 1)], 0)
+  image = tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+  return tf.ensure_shape(image, (out_size, out_size, 3)), tf.concat(moved, 0), matrix
+
+
 def affine_matrix(in_hw, out_hw, scale, translate_xy_fraction):
   """The official random_perspective matrix without rotation/shear/perspective: move the input
   centre to the origin, scale, then move to (0.5 + t) x output size. (3, 3) float32."""
@@ -141,7 +191,7 @@ def horizontal_flip(image, boxes_xyxy_px):
   width = tf.cast(tf.shape(image)[1], tf.float32)
   flipped = tf.stack([width - boxes_xyxy_px[:, 2], boxes_xyxy_px[:, 1],
                       width - boxes_xyxy_px[:, 0], boxes_xyxy_px[:, 3]], axis=1)
-  return image[:, ::-1], flipped
+  return tf.reverse(image, [1]), flipped  # ~10x faster than a negative-stride slice
 
 
 def mixup(image_a, image_b, ratio):
