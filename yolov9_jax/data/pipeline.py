@@ -6,8 +6,10 @@ slot). A resumed run asks for step N directly; nothing is replayed. Each process
 own slots of the global batch (processes get disjoint slices of every epoch's permutation), and
 ``to_global_array`` assembles the per-process parts into one ``jax.Array`` on the mesh.
 
-A source example is a dict with "image" (H, W, 3) uint8 and "objects": {"bbox" (N, 4) ymin, xmin,
-ymax, xmax normalised, "label" (N,), "is_crowd" (N,)}, as ``coco_format.prepare`` writes it.
+A source example is a dict with "image" (H, W, 3) uint8, "image_id" (or TFDS coco/2017's
+"image/id") and "objects": {"bbox" (N, 4) ymin, xmin, ymax, xmax normalised, "label" (N,),
+"is_crowd" (N,)}, as ``coco_format.prepare`` writes it and TFDS's ``coco/2017`` has it (prepared
+with ``--file_format=array_record`` for random access).
 """
 import concurrent.futures
 import dataclasses
@@ -69,8 +71,13 @@ def _resize_long_side(image, boxes, size):
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   ratio = size / tf.cast(tf.maximum(height, width), tf.float32)
   new_hw = tf.cast(tf.cast(tf.stack([height, width]), tf.float32) * ratio, tf.int32)
-  resized = tf.image.resize(image, new_hw, method="bilinear")
-  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8), boxes * ratio
+
+  def resize():
+    resized = tf.image.resize(image, new_hw, method="bilinear")
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+  # Most COCO images already have a 640 px long side: like the official loader, skip the resize.
+  return tf.cond(tf.equal(ratio, 1.0), lambda: image, resize), boxes * ratio
 
 
 def _affine(image, boxes, scale, translate_xy, size):
@@ -242,7 +249,7 @@ def eval_batches(source, batch_size, image_size, process_index=None, process_cou
       image, _, letterbox = transforms.letterbox(
           tf.constant(example["image"]), tf.zeros((0, 4)), (image_size, image_size))
       out["images"][i] = image.numpy()
-      out["image_id"][i] = int(example["image_id"])
+      out["image_id"][i] = int(example["image_id"] if "image_id" in example else example["image/id"])
       out["original_hw"][i] = example["image"].shape[:2]
       out["ratio"][i], out["pad_xy"][i] = letterbox.ratio.numpy(), letterbox.pad_xy.numpy()
       out["example_valid"][i] = True
