@@ -129,3 +129,12 @@ def test_a_grid_of_augmented_samples_is_saved_with_boxes_drawn(shapes_source, tm
   grid = np.asarray(Image.open(path))
   assert grid.shape == (2 * SIZE, 2 * SIZE, 3)
   assert not np.array_equal(grid[:SIZE, :SIZE], batch["images"][0])  # boxes were drawn on it
+
+
+def test_ram_cache_gives_the_same_batches(shapes_source):
+  plain = pipeline.TrainPipeline(shapes_source, _config(), global_batch_size=4)
+  cached = pipeline.TrainPipeline(shapes_source, _config(cache_images=True), global_batch_size=4)
+  for step in (0, 1, 0):
+    for key, value in plain.batch(step).items():
+      np.testing.assert_array_equal(value, cached.batch(step)[key], err_msg=key)
+  assert 0 < len(cached._image_cache) <= 24
