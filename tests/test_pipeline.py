@@ -75,23 +75,27 @@ def test_last_epochs_train_without_mosaic(shapes_source):
   assert batch["images"].shape == (4, SIZE, SIZE, 3) and batch["valid"].any()
 
 
-class _FlakySource:
-  """A source whose example 0 cannot be decoded."""
+class _EditedSource:
+  """``source`` with every example passed through ``edit(index, example)``."""
 
-  def __init__(self, source):
-    self.source = source
+  def __init__(self, source, edit):
+    self.source, self.edit = source, edit
 
   def __len__(self):
     return len(self.source)
 
   def __getitem__(self, index):
-    if index == 0:
-      raise OSError("image file is truncated")
-    return self.source[index]
+    return self.edit(index, dict(self.source[index]))
+
+
+def _truncated_at_zero(index, example):
+  if index == 0:
+    raise OSError("image file is truncated")
+  return example
 
 
 def test_an_unreadable_example_is_replaced_and_counted(shapes_source):
-  train = pipeline.TrainPipeline(_FlakySource(shapes_source), _config(mosaic=0.0),
+  train = pipeline.TrainPipeline(_EditedSource(shapes_source, _truncated_at_zero), _config(mosaic=0.0),
                                  global_batch_size=24)
   batch = train.batch(0)  # one epoch in one batch: example 0 is in it
   assert batch["images"].shape[0] == 24
@@ -138,3 +142,15 @@ def test_ram_cache_gives_the_same_batches(shapes_source):
     for key, value in plain.batch(step).items():
       np.testing.assert_array_equal(value, cached.batch(step)[key], err_msg=key)
   assert 0 < len(cached._image_cache) <= 24
+
+
+def _keyed_like_tfds_coco_2017(index, example):
+  example["image/id"] = example.pop("image_id")
+  return example
+
+
+def test_tfds_coco_2017_keys_are_read(shapes_source):
+  source = _EditedSource(shapes_source, _keyed_like_tfds_coco_2017)
+  batch = next(pipeline.eval_batches(source, 4, SIZE, process_index=0, process_count=1))
+  assert batch["image_id"].tolist() == [int(shapes_source[i]["image_id"]) for i in range(4)]
+  assert pipeline.TrainPipeline(source, _config(), global_batch_size=4).batch(0)["valid"].any()

@@ -40,18 +40,23 @@ def test_boxes_stay_on_their_pixels_through_mosaic_affine_and_flip():
     boxes_list.append(tf.constant(boxes))
     colours += box_colours
 
-  canvas, boxes = transforms.mosaic(images, boxes_list, tf.constant([600, 700]), 640)
+  centre = tf.constant([600, 700])
+  canvas, boxes = transforms.mosaic(images, boxes_list, centre, 640)
   assert canvas.shape == (1280, 1280, 3)
   matrix = transforms.affine_matrix((1280, 1280), (640, 640), 0.8, (0.05, -0.04))
-  warped = transforms.warp_affine(canvas, matrix, (640, 640))
-  warped_boxes = transforms.transform_boxes(boxes, matrix, (640, 640))
-  keep = transforms.box_candidates(boxes, warped_boxes, 0.8).numpy()
-  flipped, flipped_boxes = transforms.horizontal_flip(warped, warped_boxes)
+  fused, fused_canvas_boxes, _ = transforms.mosaic_affine(images, boxes_list, centre, 640, 0.8,
+                                                          (0.05, -0.04), 640)
+  for warped in (transforms.warp_affine(canvas, matrix, (640, 640)), fused):  # both routes
+    warped_boxes = transforms.transform_boxes(boxes, matrix, (640, 640))
+    np.testing.assert_allclose(transforms.transform_boxes(fused_canvas_boxes, matrix, (640, 640)),
+                               warped_boxes)
+    keep = transforms.box_candidates(boxes, warped_boxes, 0.8).numpy()
+    flipped, flipped_boxes = transforms.horizontal_flip(warped, warped_boxes)
 
-  assert 0 < keep.sum() < len(colours)  # the centre cuts some boxes away, not all
-  interiors = _interior_colours(flipped.numpy(), flipped_boxes.numpy()[keep])
-  for interior, colour in zip(interiors, np.asarray(colours)[keep]):
-    assert interior == {tuple(colour)}, (interior, colour)
+    assert 0 < keep.sum() < len(colours)  # the centre cuts some boxes away, not all
+    interiors = _interior_colours(flipped.numpy(), flipped_boxes.numpy()[keep])
+    for interior, colour in zip(interiors, np.asarray(colours)[keep]):
+      assert interior == {tuple(colour)}, (interior, colour)
 
 
 def test_letterbox_pads_grey_with_the_official_rounding_and_maps_boxes():
