@@ -1,0 +1,1 @@
+"""Inference and evaluation: NMS on the device."""
