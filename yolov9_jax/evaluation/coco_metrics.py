@@ -1,0 +1,50 @@
+"""Detections to COCO results, and COCO metrics with pycocotools (the official protocol's scorer)."""
+import contextlib
+import io
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+# COCO's 80 training classes -> the dataset's category ids 1..90 (with gaps), in label order.
+COCO80_TO_91 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24,
+                25, 27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49,
+                50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74,
+                75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
+STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+              "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
+
+
+def boxes_to_original(boxes_xyxy_px, ratio, pad_xy, original_hw):
+  """Letterboxed-image boxes (..., 4) -> original-image pixels, clipped to the image."""
+  boxes = (np.asarray(boxes_xyxy_px, np.float64) - np.tile(pad_xy, 2)) / ratio
+  height, width = original_hw
+  return np.clip(boxes, 0, [width, height, width, height])
+
+
+def to_coco_results(boxes_xyxy_px, scores, labels, count, image_id, category_ids):
+  """One image's detections (original pixels) as COCO result dicts; ``category_ids[label]`` is
+  the dataset's own id (e.g. ``COCO80_TO_91``)."""
+  results = []
+  for (x1, y1, x2, y2), score, label in zip(boxes_xyxy_px[:count], scores[:count], labels[:count]):
+    results.append({"image_id": int(image_id), "category_id": int(category_ids[int(label)]),
+                    "bbox": [round(float(x1), 3), round(float(y1), 3),
+                             round(float(x2 - x1), 3), round(float(y2 - y1), 3)],
+                    "score": round(float(score), 5)})
+  return results
+
+
+def coco_metrics(annotations_json, results, image_ids=None):
+  """The 12 COCO box metrics of ``results`` against the ground truth JSON, as a dict (pycocotools'
+  own printout is captured and returned as "table")."""
+  with contextlib.redirect_stdout(io.StringIO()) as printed:
+    ground_truth = COCO(str(annotations_json))
+    if not results:
+      return {**dict.fromkeys(STAT_NAMES, 0.0), "table": "no detections"}
+    evaluation = COCOeval(ground_truth, ground_truth.loadRes(results), "bbox")
+    if image_ids is not None:
+      evaluation.params.imgIds = sorted(int(i) for i in image_ids)
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+  return {**dict(zip(STAT_NAMES, map(float, evaluation.stats))), "table": printed.getvalue()}
