@@ -4,6 +4,7 @@ The official outputs were computed in float64 from weights that ``testweights`` 
 names. The input-dependent part of the outputs is small next to the head biases, so float32 at
 1e-4 cannot see a subtly wrong layer: float64 at 1e-8 of each array's largest magnitude can.
 """
+import functools
 import json
 
 import jax
@@ -19,6 +20,7 @@ IMAGES_NHWC = (2, 64, 96, 3)  # non-square on purpose: catches H/W mix-ups
 PER_LAYER_GOLDENS = ("yolov9-t", "yolov9-c", "gelan-t")
 
 
+@functools.lru_cache(maxsize=None)  # the float64 and float32 tests share each config's weights
 def _official_test_variables(spec_dir, name):
   manifest = json.loads((spec_dir / "keys" / f"{name}.json").read_text())["state_dict"]
   return interop.from_torch_state_dict(name, testweights.state_dict(manifest, seed=0))

@@ -7,11 +7,12 @@ from yolov9_jax.models.yolo import YOLO, head_branches, main_branch_layers
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
-def build(name: str, num_classes: int = 80, dtype=jnp.float32) -> YOLO:
+def build(name: str, num_classes: int = 80, dtype=jnp.float32, fused: bool = False) -> YOLO:
   """The detector ``name`` (one of ``ARCHITECTURES``) with ``num_classes`` classes.
 
   ``dtype`` is the compute dtype (float32, bfloat16 or float64, or their names); parameters and
-  BatchNorm statistics stay float32.
+  BatchNorm statistics stay float32. ``fused`` builds the inference form, whose variables come
+  from ``evaluation.inference.fold_batchnorm``.
   """
   if name not in ARCHITECTURES:
     raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
@@ -21,7 +22,7 @@ def build(name: str, num_classes: int = 80, dtype=jnp.float32) -> YOLO:
     if dtype not in _DTYPES:
       raise ValueError(f"unknown compute dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
     dtype = _DTYPES[dtype]
-  return YOLO(name, num_classes=num_classes, dtype=dtype)
+  return YOLO(name, num_classes=num_classes, dtype=dtype, fused=fused)
 
 
 __all__ = ["ARCHITECTURES", "YOLO", "build", "head_branches", "main_branch_layers"]

@@ -39,18 +39,21 @@ class DetectHead(nn.Module):
   num_classes: int
   dual: bool = False
   dtype: layers.Dtype = jnp.float32
+  fused: bool = False
 
   def _branch(self, features, box_name, class_name, train):
     box_width, class_width = head_widths(features[0].shape[-1], self.num_classes)
     maps = []
     for level, (x, stride) in enumerate(zip(features, STRIDES)):
-      box = layers.Conv(box_width, 3, dtype=self.dtype, name=f"{box_name}_{level}_0")(x, train)
-      box = layers.Conv(box_width, 3, groups=4, dtype=self.dtype,
+      box = layers.Conv(box_width, 3, **layers.form(self), name=f"{box_name}_{level}_0")(x, train)
+      box = layers.Conv(box_width, 3, groups=4, **layers.form(self),
                         name=f"{box_name}_{level}_1")(box, train)
       box = layers.biased_conv_1x1(4 * REG_MAX, box_width, groups=4, bias_init=_constant_init(1.0),
                                    dtype=self.dtype, name=f"{box_name}_{level}_2")(box)
-      cls = layers.Conv(class_width, 3, dtype=self.dtype, name=f"{class_name}_{level}_0")(x, train)
-      cls = layers.Conv(class_width, 3, dtype=self.dtype, name=f"{class_name}_{level}_1")(cls, train)
+      cls = layers.Conv(class_width, 3, **layers.form(self),
+                        name=f"{class_name}_{level}_0")(x, train)
+      cls = layers.Conv(class_width, 3, **layers.form(self),
+                        name=f"{class_name}_{level}_1")(cls, train)
       class_prior = math.log(5 / self.num_classes / (_BIAS_INIT_IMAGE_SIZE / stride) ** 2)
       cls = layers.biased_conv_1x1(self.num_classes, class_width, bias_init=_constant_init(class_prior),
                                    dtype=self.dtype, name=f"{class_name}_{level}_2")(cls)

@@ -37,6 +37,11 @@ def torch_default_bias_init(fan_in):
   return init
 
 
+def form(module):
+  """The compute dtype and fused flag a block hands to its children."""
+  return {"dtype": module.dtype, "fused": module.fused}
+
+
 class BatchNorm(nn.Module):
   """BatchNorm2d with PyTorch's semantics over NHWC inputs.
 
@@ -93,26 +98,32 @@ class Conv(nn.Module):
   groups: int = 1
   activation: bool = True
   dtype: Dtype = jnp.float32
+  fused: bool = False  # inference form: BatchNorm folded into the convs (see evaluation.inference)
 
   @nn.compact
   def __call__(self, x, train: bool):
     pad = self.kernel_size // 2
     x = nn.Conv(
         self.features, (self.kernel_size, self.kernel_size), strides=(self.stride, self.stride),
-        padding=((pad, pad), (pad, pad)), feature_group_count=self.groups, use_bias=False,
+        padding=((pad, pad), (pad, pad)), feature_group_count=self.groups, use_bias=self.fused,
         dtype=self.dtype, param_dtype=jnp.float32, kernel_init=torch_default_kernel_init,
         name="conv")(x)
-    x = BatchNorm(dtype=self.dtype, name="bn")(x, train)
+    if not self.fused:
+      x = BatchNorm(dtype=self.dtype, name="bn")(x, train)
     return nn.silu(x) if self.activation else x
 
 
 class RepConvN(nn.Module):
-  """SiLU(conv-BN 3x3 + conv-BN 1x1); no identity branch. Fused into one 3x3 conv for inference."""
+  """SiLU(conv-BN 3x3 + conv-BN 1x1); no identity branch. Fused: one 3x3 conv with bias."""
   features: int
   dtype: Dtype = jnp.float32
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
+    if self.fused:
+      return nn.silu(Conv(self.features, 3, activation=False, dtype=self.dtype, fused=True,
+                          name="conv")(x, train))
     branch_3x3 = Conv(self.features, 3, activation=False, dtype=self.dtype, name="conv1")(x, train)
     branch_1x1 = Conv(self.features, 1, activation=False, dtype=self.dtype, name="conv2")(x, train)
     return nn.silu(branch_3x3 + branch_1x1)
@@ -122,11 +133,12 @@ class RepNBottleneck(nn.Module):
   """x + Conv3x3(RepConvN(x)); the residual applies when input and output widths agree."""
   features: int
   dtype: Dtype = jnp.float32
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
-    y = RepConvN(self.features, dtype=self.dtype, name="cv1")(x, train)
-    y = Conv(self.features, 3, dtype=self.dtype, name="cv2")(y, train)
+    y = RepConvN(self.features, **form(self), name="cv1")(x, train)
+    y = Conv(self.features, 3, **form(self), name="cv2")(y, train)
     return x + y if x.shape[-1] == self.features else y
 
 
@@ -135,15 +147,16 @@ class RepNCSP(nn.Module):
   features: int
   num_bottlenecks: int
   dtype: Dtype = jnp.float32
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     hidden = self.features // 2
-    a = Conv(hidden, 1, dtype=self.dtype, name="cv1")(x, train)
+    a = Conv(hidden, 1, **form(self), name="cv1")(x, train)
     for j in range(self.num_bottlenecks):
-      a = RepNBottleneck(hidden, dtype=self.dtype, name=f"m_{j}")(a, train)
-    b = Conv(hidden, 1, dtype=self.dtype, name="cv2")(x, train)
-    return Conv(self.features, 1, dtype=self.dtype, name="cv3")(jnp.concatenate([a, b], -1), train)
+      a = RepNBottleneck(hidden, **form(self), name=f"m_{j}")(a, train)
+    b = Conv(hidden, 1, **form(self), name="cv2")(x, train)
+    return Conv(self.features, 1, **form(self), name="cv3")(jnp.concatenate([a, b], -1), train)
 
 
 class RepNCSPELAN4(nn.Module):
@@ -153,16 +166,17 @@ class RepNCSPELAN4(nn.Module):
   block_width: int
   depth: int
   dtype: Dtype = jnp.float32
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
-    y = Conv(self.split_width, 1, dtype=self.dtype, name="cv1")(x, train)
+    y = Conv(self.split_width, 1, **form(self), name="cv1")(x, train)
     y0, y1 = jnp.split(y, 2, axis=-1)
-    y2 = RepNCSP(self.block_width, self.depth, dtype=self.dtype, name="cv2_0")(y1, train)
-    y2 = Conv(self.block_width, 3, dtype=self.dtype, name="cv2_1")(y2, train)
-    y3 = RepNCSP(self.block_width, self.depth, dtype=self.dtype, name="cv3_0")(y2, train)
-    y3 = Conv(self.block_width, 3, dtype=self.dtype, name="cv3_1")(y3, train)
-    return Conv(self.features, 1, dtype=self.dtype, name="cv4")(
+    y2 = RepNCSP(self.block_width, self.depth, **form(self), name="cv2_0")(y1, train)
+    y2 = Conv(self.block_width, 3, **form(self), name="cv2_1")(y2, train)
+    y3 = RepNCSP(self.block_width, self.depth, **form(self), name="cv3_0")(y2, train)
+    y3 = Conv(self.block_width, 3, **form(self), name="cv3_1")(y3, train)
+    return Conv(self.features, 1, **form(self), name="cv4")(
         jnp.concatenate([y0, y1, y2, y3], -1), train)
 
 
@@ -172,14 +186,15 @@ class ELAN1(nn.Module):
   split_width: int
   block_width: int
   dtype: Dtype = jnp.float32
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
-    y = Conv(self.split_width, 1, dtype=self.dtype, name="cv1")(x, train)
+    y = Conv(self.split_width, 1, **form(self), name="cv1")(x, train)
     y0, y1 = jnp.split(y, 2, axis=-1)
-    y2 = Conv(self.block_width, 3, dtype=self.dtype, name="cv2")(y1, train)
-    y3 = Conv(self.block_width, 3, dtype=self.dtype, name="cv3")(y2, train)
-    return Conv(self.features, 1, dtype=self.dtype, name="cv4")(
+    y2 = Conv(self.block_width, 3, **form(self), name="cv2")(y1, train)
+    y3 = Conv(self.block_width, 3, **form(self), name="cv3")(y2, train)
+    return Conv(self.features, 1, **form(self), name="cv4")(
         jnp.concatenate([y0, y1, y2, y3], -1), train)
 
 
@@ -198,10 +213,11 @@ class AConv(nn.Module):
   """Down-sampling of the t/s/m models: 2x2 stride-1 average pool, then a 3x3 stride-2 Conv."""
   features: int
   dtype: Dtype = jnp.float32
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
-    return Conv(self.features, 3, 2, dtype=self.dtype, name="cv1")(_avg_pool_2x2_stride_1(x), train)
+    return Conv(self.features, 3, 2, **form(self), name="cv1")(_avg_pool_2x2_stride_1(x), train)
 
 
 class ADown(nn.Module):
@@ -209,12 +225,13 @@ class ADown(nn.Module):
   stride-2 Conv and half through a 3x3 stride-2 max-pool and a 1x1 Conv."""
   features: int
   dtype: Dtype = jnp.float32
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     x1, x2 = jnp.split(_avg_pool_2x2_stride_1(x), 2, axis=-1)
-    x1 = Conv(self.features // 2, 3, 2, dtype=self.dtype, name="cv1")(x1, train)
-    x2 = Conv(self.features // 2, 1, dtype=self.dtype, name="cv2")(_max_pool(x2, 3, 2), train)
+    x1 = Conv(self.features // 2, 3, 2, **form(self), name="cv1")(x1, train)
+    x2 = Conv(self.features // 2, 1, **form(self), name="cv2")(_max_pool(x2, 3, 2), train)
     return jnp.concatenate([x1, x2], -1)
 
 
@@ -223,13 +240,14 @@ class SPPELAN(nn.Module):
   features: int
   hidden: int
   dtype: Dtype = jnp.float32
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
-    pyramid = [Conv(self.hidden, 1, dtype=self.dtype, name="cv1")(x, train)]
+    pyramid = [Conv(self.hidden, 1, **form(self), name="cv1")(x, train)]
     for _ in range(3):
       pyramid.append(_max_pool(pyramid[-1], 5, 1))
-    return Conv(self.features, 1, dtype=self.dtype, name="cv5")(jnp.concatenate(pyramid, -1), train)
+    return Conv(self.features, 1, **form(self), name="cv5")(jnp.concatenate(pyramid, -1), train)
 
 
 class CBLinear(nn.Module):

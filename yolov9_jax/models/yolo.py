@@ -61,10 +61,11 @@ class YOLO(nn.Module):
   architecture: str
   num_classes: int = 80
   dtype: Any = jnp.float32
+  fused: bool = False  # the inference form (evaluation.inference.fold_batchnorm's variables)
 
   def _layer(self, index, module, args, inputs, train):
     name = f"model_{index}"
-    kw = dict(dtype=self.dtype, name=name)
+    kw = dict(dtype=self.dtype, fused=self.fused, name=name)
     if module in _ROUNDED_WIDTH_MODULES:
       args = (_round_width(args[0]),) + tuple(args[1:])
     if module == "Silence":
@@ -83,7 +84,7 @@ class YOLO(nn.Module):
     if module == "SPPELAN":
       return layers.SPPELAN(*args, **kw)(inputs[0], train)
     if module == "CBLinear":
-      return layers.CBLinear(tuple(args[0]), **kw)(inputs[0], train)
+      return layers.CBLinear(tuple(args[0]), dtype=self.dtype, name=name)(inputs[0], train)
     if module == "CBFuse":
       slices = [cb_outputs[j] for cb_outputs, j in zip(inputs[:-1], args[0])]
       return layers.cb_fuse(slices, inputs[-1])
