@@ -33,11 +33,12 @@ def spec_dir():
 @pytest.fixture(scope="session")
 def gelan_t_20_classes():
   """gelan-t with 20 classes, freshly initialised: (model, variables). Compiling an init takes
-  about 30 s on 2 cores, so the test files share this one."""
+  about 30 s on 2 cores with the default threefry PRNG, so the test files share this one, drawn
+  with the 2x faster-compiling unsafe_rbg (the init rules under test do not depend on it)."""
   import jax.numpy as jnp
 
   from yolov9_jax import models
   model = models.build("gelan-t", num_classes=20)
-  variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
-                                         train=False))()
+  key = jax.random.key(0, impl="unsafe_rbg")
+  variables = jax.jit(lambda: model.init(key, jnp.zeros((1, 64, 64, 3)), train=False))()
   return model, variables

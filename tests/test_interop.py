@@ -1,12 +1,11 @@
 """Weights to and from the official PyTorch state_dict layout."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import testweights
 from flax import traverse_util
 
-from yolov9_jax import interop, models
+from yolov9_jax import interop
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +108,6 @@ def test_float16_checkpoints_import_as_float32(yolov9_t_variables):
   half = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in state_dict.items()}
   variables = interop.from_torch_state_dict("yolov9-t", half)
   assert all(v.dtype == np.float32 for v in jax.tree.leaves(variables))
-  model = models.build("yolov9-t", num_classes=5)
-  out = jax.jit(lambda v: model.apply(v, jnp.zeros((1, 32, 32, 3)), train=False))(variables)
-  assert np.isfinite(np.asarray(out["main"])).all()
+  restored = interop.to_torch_state_dict("yolov9-t", variables)
+  for key, value in half.items():  # float16 -> float32 is exact
+    np.testing.assert_array_equal(restored[key], value.astype(restored[key].dtype), err_msg=key)

@@ -1,4 +1,5 @@
 """The PGI loss and its assigner against the official ones (shared/spec/golden/loss)."""
+import functools
 import json
 
 import jax
@@ -32,10 +33,28 @@ def _loss_fn(image_hw, config=None):
       outs, targets, num_classes=NUM_CLASSES, image_size=tuple(image_hw), config=config))
 
 
+@functools.lru_cache(maxsize=None)
+def _ours(spec_dir, case):
+  """Loss, its gradient and each branch's assignment for a golden case, in one compiled call."""
+  _, result, outs, targets = _load(spec_dir, case)
+  config = losses.default_config()
+
+  @jax.jit
+  def everything(outs, targets):
+    loss = lambda o: losses.compute_loss(o, targets, num_classes=NUM_CLASSES,
+                                         image_size=tuple(result["image_hw"]))
+    (total, parts), grads = jax.value_and_grad(loss, has_aux=True)(outs)
+    assignments = {b: losses.branch_loss(m, targets, targets["valid"], config)[1]
+                   for b, m in outs.items()}
+    return total, parts, grads, assignments
+
+  return everything(outs, targets)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_loss_parts_and_total_equal_official(spec_dir, case):
-  _, result, outs, targets = _load(spec_dir, case)
-  total, parts = _loss_fn(result["image_hw"])(outs, targets)
+  _, result, outs, _ = _load(spec_dir, case)
+  total, parts, _, _ = _ours(spec_dir, case)
   for name in ("box", "cls", "dfl"):
     np.testing.assert_allclose(parts[name], result[name], rtol=1e-4, atol=1e-6, err_msg=name)
     for branch in outs:  # a single-head model's only branch is the whole loss
@@ -49,9 +68,8 @@ def test_loss_parts_and_total_equal_official(spec_dir, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_gradient_wrt_raw_maps_equals_official(spec_dir, case):
-  golden, result, outs, targets = _load(spec_dir, case)
-  loss = _loss_fn(result["image_hw"])
-  grads = jax.jit(jax.grad(lambda o, t: loss(o, t)[0]))(outs, targets)
+  golden, _, outs, _ = _load(spec_dir, case)
+  grads = _ours(spec_dir, case)[2]
   for branch in outs:
     for level_index, level in enumerate(LEVELS):
       official = golden[f"grad_raw_{branch}_{level}"]
@@ -61,10 +79,9 @@ def test_gradient_wrt_raw_maps_equals_official(spec_dir, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_assigner_equals_official_up_to_zero_metric_ties(spec_dir, case):
-  golden, result, outs, targets = _load(spec_dir, case)
-  config = losses.default_config()
-  for branch, maps in outs.items():
-    _, ours = jax.jit(lambda m, t: losses.branch_loss(m, t, t["valid"], config))(maps, targets)
+  golden, _, outs, _ = _load(spec_dir, case)
+  for branch in outs:
+    ours = _ours(spec_dir, case)[3][branch]
     official_positives = golden[f"assign_{branch}_fg_mask"].astype(bool)
     official_scores = golden[f"assign_{branch}_target_scores"]
     np.testing.assert_allclose(ours.target_scores, official_scores, atol=1e-5)

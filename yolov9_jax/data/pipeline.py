@@ -111,6 +111,24 @@ def _graph(fn, size, *specs):
   return tf.function(functools.partial(fn, size=size), input_signature=list(specs))
 
 
+@functools.lru_cache(maxsize=None)
+def _graphs(size):
+  """The per-sample TF graphs for output size ``size``, shared by every pipeline of that size
+  (the XLA colour graph takes seconds to compile)."""
+  return {
+      "resize_long_side": _graph(_resize_long_side, size, _IMAGE, _BOXES),
+      "mosaic_affine": _graph(_mosaic_affine, size, *[_IMAGE, _BOXES] * 4,
+                              tf.TensorSpec([2], tf.int32), _SCALE, _PAIR),
+      "letterbox_affine": _graph(_letterbox_affine, size, _IMAGE, _BOXES, _SCALE, _PAIR),
+      # XLA fuses the per-pixel HSV arithmetic: 5 ms instead of 32 ms at 640x640. The image
+      # shape is fixed, so it compiles once; boxes (of varying count) are flipped in numpy.
+      "colour_and_flip_image": tf.function(
+          _colour_and_flip_image, jit_compile=True,
+          input_signature=[tf.TensorSpec([size, size, 3], tf.uint8),
+                           tf.TensorSpec([3], tf.float32), tf.TensorSpec([], tf.bool)]),
+  }
+
+
 class TrainPipeline:
   """Training batches of this process: ``batch(step)`` or iterate from ``start_step``.
 
@@ -134,17 +152,11 @@ class TrainPipeline:
     self._permutations = {}
     self._image_cache = {}
     self._executor = concurrent.futures.ThreadPoolExecutor(config.workers)
-    size = config.image_size
-    self._resize_long_side = _graph(_resize_long_side, size, _IMAGE, _BOXES)
-    self._mosaic_affine = _graph(_mosaic_affine, size, *[_IMAGE, _BOXES] * 4,
-                                 tf.TensorSpec([2], tf.int32), _SCALE, _PAIR)
-    self._letterbox_affine = _graph(_letterbox_affine, size, _IMAGE, _BOXES, _SCALE, _PAIR)
-    # XLA fuses the per-pixel HSV arithmetic: 5 ms instead of 32 ms at 640x640. The image shape
-    # is fixed here, so it compiles once; boxes (of varying count) are flipped in numpy.
-    self._colour_and_flip_image = tf.function(_colour_and_flip_image, jit_compile=True,
-                                              input_signature=[
-        tf.TensorSpec([size, size, 3], tf.uint8), tf.TensorSpec([3], tf.float32),
-        tf.TensorSpec([], tf.bool)])
+    graphs = _graphs(config.image_size)
+    self._resize_long_side = graphs["resize_long_side"]
+    self._mosaic_affine = graphs["mosaic_affine"]
+    self._letterbox_affine = graphs["letterbox_affine"]
+    self._colour_and_flip_image = graphs["colour_and_flip_image"]
 
   def _permutation(self, epoch):
     if epoch not in self._permutations:
