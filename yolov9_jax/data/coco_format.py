@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
 CATEGORIES_FILE = "categories.json"
-_EXIF_ORIENTATION = 0x0112
+EXIF_ORIENTATION = 0x0112
 
 
 @dataclasses.dataclass
@@ -56,7 +56,7 @@ def _load_rgb(path, report):
   try:
     with Image.open(path) as image:
       image.load()  # decodes fully: truncated files fail here
-      rotated = image.getexif().get(_EXIF_ORIENTATION, 1) != 1
+      rotated = image.getexif().get(EXIF_ORIENTATION, 1) != 1
       needs_rgb = image.mode != "RGB"
       if not rotated and not needs_rgb and image.format in ("JPEG", "PNG"):
         return pathlib.Path(path).read_bytes(), (image.height, image.width)

@@ -82,18 +82,22 @@ def _resize_long_side(image, boxes, size):
   return tf.cond(tf.equal(ratio, 1.0), lambda: image, resize), boxes * ratio
 
 
+def _moved_boxes(boxes, matrix, scale, size):
+  """Boxes through the affine matrix, and which of them the official filter keeps."""
+  moved = transforms.transform_boxes(boxes, matrix, (size, size))
+  return moved, transforms.box_candidates(boxes, moved, scale)
+
+
 def _affine(image, boxes, scale, translate_xy, size):
   matrix = transforms.affine_matrix(tf.shape(image)[:2], (size, size), scale, translate_xy)
-  warped = transforms.warp_affine(image, matrix, (size, size))
-  moved = transforms.transform_boxes(boxes, matrix, (size, size))
-  return warped, moved, transforms.box_candidates(boxes, moved, scale)
+  return (transforms.warp_affine(image, matrix, (size, size)),
+          *_moved_boxes(boxes, matrix, scale, size))
 
 
 def _mosaic_affine(im0, b0, im1, b1, im2, b2, im3, b3, centre_xy, scale, translate_xy, size):
   image, boxes, matrix = transforms.mosaic_affine(
       [im0, im1, im2, im3], [b0, b1, b2, b3], centre_xy, size, scale, translate_xy, size)
-  moved = transforms.transform_boxes(boxes, matrix, (size, size))
-  return image, moved, transforms.box_candidates(boxes, moved, scale)
+  return (image, *_moved_boxes(boxes, matrix, scale, size))
 
 
 def _letterbox_affine(image, boxes, scale, translate_xy, size):

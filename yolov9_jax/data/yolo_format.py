@@ -9,8 +9,9 @@ import pathlib
 import yaml
 from PIL import Image
 
+from yolov9_jax.data.coco_format import EXIF_ORIENTATION
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-_EXIF_ORIENTATION = 0x0112
 _ORIENTATIONS_SWAPPING_SIDES = (5, 6, 7, 8)
 
 
@@ -26,7 +27,7 @@ def _oriented_size(path):
   try:
     with Image.open(path) as image:
       width, height = image.size
-      if image.getexif().get(_EXIF_ORIENTATION, 1) in _ORIENTATIONS_SWAPPING_SIDES:
+      if image.getexif().get(EXIF_ORIENTATION, 1) in _ORIENTATIONS_SWAPPING_SIDES:
         width, height = height, width
       return width, height
   except (OSError, SyntaxError, ValueError):
