@@ -13,13 +13,12 @@ with ``--file_format=array_record`` for random access).
 """
 import concurrent.futures
 import dataclasses
-import functools
 import logging
 
 import jax
 import ml_collections
+import cv2
 import numpy as np
-import tensorflow as tf
 from jax.sharding import NamedSharding, PartitionSpec
 
 from yolov9_jax.data import transforms
@@ -37,9 +36,10 @@ def default_config() -> ml_collections.ConfigDict:
       hsv=(0.015, 0.7, 0.4),  # hue, saturation, value gains: 1 + U(-1, 1) * these
       fliplr=0.5,
       close_mosaic_epochs=15,  # the last N epochs train without mosaic and mixup
-      cache_images=False,   # keep decoded, resized images in RAM (the official --cache ram):
-                            # decoding and resizing dominate the CPU cost; use when they fit
-      workers=4,            # threads building samples (TF ops release the GIL)
+      cache_images=False,   # keep every decoded, resized image in RAM (the official --cache ram)
+      mosaic_partner_window=1024,  # mosaic/mixup partners from this process's last N images, kept
+                                   # decoded (~1 GB at 640); 0: from anywhere (official, 4x decodes)
+      workers=4,            # threads building samples (OpenCV and decoding release the GIL)
       prefetch_batches=2,
       seed=0,
   ))
@@ -62,75 +62,11 @@ def _boxes_px(example):
   return boxes, np.asarray(objects["label"], np.int32).reshape(-1)[keep]
 
 
-_IMAGE = tf.TensorSpec([None, None, 3], tf.uint8)
-_BOXES = tf.TensorSpec([None, 4], tf.float32)
-_SCALE = tf.TensorSpec([], tf.float32)
-_PAIR = tf.TensorSpec([2], tf.float32)
-
-
-def _resize_long_side(image, boxes, size):
-  """The official load_image: long side to ``size``, truncating, bilinear."""
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  ratio = size / tf.cast(tf.maximum(height, width), tf.float32)
-  new_hw = tf.cast(tf.cast(tf.stack([height, width]), tf.float32) * ratio, tf.int32)
-
-  def resize():
-    resized = tf.image.resize(image, new_hw, method="bilinear")
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
-  # Most COCO images already have a 640 px long side: like the official loader, skip the resize.
-  return tf.cond(tf.equal(ratio, 1.0), lambda: image, resize), boxes * ratio
-
-
-def _moved_boxes(boxes, matrix, scale, size):
-  """Boxes through the affine matrix, and which of them the official filter keeps."""
+def _moved_boxes(boxes, labels, matrix, scale, size):
+  """Boxes and labels through the warp, filtered by the official box-candidate rule."""
   moved = transforms.transform_boxes(boxes, matrix, (size, size))
-  return moved, transforms.box_candidates(boxes, moved, scale)
-
-
-def _affine(image, boxes, scale, translate_xy, size):
-  matrix = transforms.affine_matrix(tf.shape(image)[:2], (size, size), scale, translate_xy)
-  return (transforms.warp_affine(image, matrix, (size, size)),
-          *_moved_boxes(boxes, matrix, scale, size))
-
-
-def _mosaic_affine(im0, b0, im1, b1, im2, b2, im3, b3, centre_xy, scale, translate_xy, size):
-  image, boxes, matrix = transforms.mosaic_affine(
-      [im0, im1, im2, im3], [b0, b1, b2, b3], centre_xy, size, scale, translate_xy, size)
-  return (image, *_moved_boxes(boxes, matrix, scale, size))
-
-
-def _letterbox_affine(image, boxes, scale, translate_xy, size):
-  letterboxed, boxes, _ = transforms.letterbox(image, boxes, (size, size))
-  return _affine(letterboxed, boxes, scale, translate_xy, size)
-
-
-def _colour_and_flip_image(image, hsv_gains, flip):
-  image = transforms.hsv_jitter(image, hsv_gains)
-  return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
-
-
-def _graph(fn, size, *specs):
-  """``fn`` as one TF graph for any image size (no retracing), with the output size fixed."""
-  return tf.function(functools.partial(fn, size=size), input_signature=list(specs))
-
-
-@functools.lru_cache(maxsize=None)
-def _graphs(size):
-  """The per-sample TF graphs for output size ``size``, shared by every pipeline of that size
-  (the XLA colour graph takes seconds to compile)."""
-  return {
-      "resize_long_side": _graph(_resize_long_side, size, _IMAGE, _BOXES),
-      "mosaic_affine": _graph(_mosaic_affine, size, *[_IMAGE, _BOXES] * 4,
-                              tf.TensorSpec([2], tf.int32), _SCALE, _PAIR),
-      "letterbox_affine": _graph(_letterbox_affine, size, _IMAGE, _BOXES, _SCALE, _PAIR),
-      # XLA fuses the per-pixel HSV arithmetic: 5 ms instead of 32 ms at 640x640. The image
-      # shape is fixed, so it compiles once; boxes (of varying count) are flipped in numpy.
-      "colour_and_flip_image": tf.function(
-          _colour_and_flip_image, jit_compile=True,
-          input_signature=[tf.TensorSpec([size, size, 3], tf.uint8),
-                           tf.TensorSpec([3], tf.float32), tf.TensorSpec([], tf.bool)]),
-  }
+  keep = transforms.box_candidates(boxes, moved, scale)
+  return moved[keep], labels[keep]
 
 
 class TrainPipeline:
@@ -138,6 +74,15 @@ class TrainPipeline:
 
   A batch: "images" (b, S, S, 3) uint8 (normalise on the device), "boxes" (b, M, 4) x1, y1, x2, y2
   pixels, "classes" (b, M) int32, "valid" (b, M) bool, with b = global_batch_size / processes.
+
+  Mosaic and mixup partners: the official code draws them from the whole dataset, so each
+  training image costs four or five decodes. With ``mosaic_partner_window`` = W > 0 they are drawn
+  from the W most recent images of this process's sample stream (the current batch included),
+  which are kept decoded: about one decode per training image. The stream is a random
+  permutation, so a partner is still a uniformly random image of the dataset; W = 0 restores the
+  official draw. Which partner a sample gets depends only on (seed, step), never on what happens
+  to be decoded, so a resumed run gets the same batches; it decodes the window once on the way
+  (at most W extra decodes).
   """
 
   def __init__(self, source, config, global_batch_size, steps_per_epoch=None, total_epochs=None,
@@ -148,19 +93,21 @@ class TrainPipeline:
     if global_batch_size % self.process_count:
       raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
                        f"{self.process_count} processes")
+    if len(source) == 0:
+      raise ValueError("the training source has no examples")
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // self.process_count
     self.steps_per_epoch = steps_per_epoch or max(len(source) // global_batch_size, 1)
     self.total_epochs = total_epochs
     self.counters = PipelineCounters()
     self._permutations = {}
-    self._image_cache = {}
+    self._image_cache = {}  # dataset index -> (image, boxes, labels), long side = image_size
+    # OpenCV would start its own threads inside each worker; the workers are the parallelism.
+    cv2.setNumThreads(1)
     self._executor = concurrent.futures.ThreadPoolExecutor(config.workers)
-    graphs = _graphs(config.image_size)
-    self._resize_long_side = graphs["resize_long_side"]
-    self._mosaic_affine = graphs["mosaic_affine"]
-    self._letterbox_affine = graphs["letterbox_affine"]
-    self._colour_and_flip_image = graphs["colour_and_flip_image"]
+
+  def close(self):
+    self._executor.shutdown(wait=False, cancel_futures=True)
 
   def _permutation(self, epoch):
     if epoch not in self._permutations:
@@ -168,72 +115,106 @@ class TrainPipeline:
           len(self.source))}
     return self._permutations[epoch]
 
+  def _index_at(self, local_position):
+    """The dataset index at this process's ``local_position``-th sample (step * b + slot), which
+    is global position step * G + process_index * b + slot of the epoch permutations."""
+    step, slot = divmod(int(local_position), self.local_batch_size)
+    position = step * self.global_batch_size + self.process_index * self.local_batch_size + slot
+    epoch, offset = divmod(position, len(self.source))
+    return int(self._permutation(epoch)[offset])
+
   def sample_indices(self, step):
     """Dataset indices of this process's slots at ``step`` (global position step * G + slot)."""
-    first = step * self.global_batch_size + self.process_index * self.local_batch_size
-    positions = np.arange(first, first + self.local_batch_size)
-    epochs = positions // len(self.source)
-    return np.array([self._permutation(e)[p % len(self.source)] for e, p in zip(epochs, positions)])
+    first = step * self.local_batch_size
+    return np.array([self._index_at(q) for q in range(first, first + self.local_batch_size)])
+
+  def _window(self, step):
+    """This process's stream positions [first, last) that mosaic partners of ``step`` come from."""
+    last = (step + 1) * self.local_batch_size
+    return max(0, last - self.config.mosaic_partner_window), last
+
+  def _partner(self, rng, step):
+    window = self.config.mosaic_partner_window
+    if window <= 0:
+      return int(rng.integers(0, len(self.source)))
+    return self._index_at(rng.integers(*self._window(step)))
 
   def _load(self, index):
     """Image (long side = image_size) and boxes of ``index``; an unreadable example is replaced
     by the next one (deterministically) and counted."""
-    if index in self._image_cache:
-      return self._image_cache[index]
-    loaded = self._decode_and_resize(index)
-    if self.config.cache_images:
-      self._image_cache[index] = loaded
+    loaded = self._image_cache.get(index)
+    if loaded is None:
+      loaded = self._decode_and_resize(index)
+      if self.config.cache_images or self.config.mosaic_partner_window > 0:
+        self._image_cache[index] = loaded
     return loaded
+
+  def _evict(self, step):
+    """Keeps what the next step can use: everything with ``cache_images``, else the window."""
+    if self.config.cache_images:
+      return
+    first, last = self._window(step + 1)
+    keep = {self._index_at(q) for q in range(first, last - self.local_batch_size)}
+    for index in list(self._image_cache):
+      if index not in keep:
+        del self._image_cache[index]
 
   def _decode_and_resize(self, index):
     for offset in range(len(self.source)):
       try:
         example = self.source[(index + offset) % len(self.source)]
         boxes, labels = _boxes_px(example)
-        image, boxes = self._resize_long_side(example["image"], boxes)
+        image, boxes = transforms.resize_long_side(np.asarray(example["image"]), boxes,
+                                                   self.config.image_size)
         return image, boxes, labels
       except Exception as error:  # noqa: BLE001  any bad record: skip it, count it, go on
         logging.warning("example %d is unreadable (%s); using the next one", index + offset, error)
         self.counters.samples_unreadable += 1
     raise RuntimeError("no readable example in the source")
 
-  def _mosaic(self, rng, index):
-    cfg = self.config
-    indices = np.concatenate([[index], rng.integers(0, len(self.source), 3)])
+  def _mosaic(self, rng, step, index):
+    """FACTS.md §7.2: four images on the 2S canvas, then the random scale/translate warp to S."""
+    cfg, size = self.config, self.config.image_size
+    indices = [index] + [self._partner(rng, step) for _ in range(3)]
     rng.shuffle(indices)
     loaded = [self._load(i) for i in indices]
-    centre = rng.uniform(cfg.image_size / 2, cfg.image_size * 3 / 2, 2).astype(np.int32)
+    centre = rng.uniform(size / 2, size * 3 / 2, 2).astype(np.int32)
     scale = rng.uniform(1 - cfg.scale, 1 + cfg.scale)
     translate = rng.uniform(-cfg.translate, cfg.translate, 2)
-    args = [t for image, boxes, _ in loaded for t in (image, boxes)]
-    image, boxes, keep = self._mosaic_affine(*args, centre, np.float32(scale),
-                                             translate.astype(np.float32))
+    canvas, boxes = transforms.mosaic([im for im, _, _ in loaded], [b for _, b, _ in loaded],
+                                      centre, size)
     labels = np.concatenate([labels for _, _, labels in loaded])
-    return image.numpy(), boxes.numpy()[keep.numpy()], labels[keep.numpy()]
+    matrix = transforms.affine_matrix(canvas.shape[:2], (size, size), scale, translate)
+    return (transforms.warp_affine(canvas, matrix, (size, size)),
+            *_moved_boxes(boxes, labels, matrix, scale, size))
+
+  def _letterbox_affine(self, rng, index):
+    """FACTS.md §7.3, the close-mosaic epochs: letterbox, then the same random warp."""
+    cfg, size = self.config, self.config.image_size
+    image, boxes, labels = self._load(index)
+    image, boxes, _ = transforms.letterbox(image, boxes, (size, size))
+    scale = rng.uniform(1 - cfg.scale, 1 + cfg.scale)
+    matrix = transforms.affine_matrix((size, size), (size, size), scale,
+                                      rng.uniform(-cfg.translate, cfg.translate, 2))
+    return (transforms.warp_affine(image, matrix, (size, size)),
+            *_moved_boxes(boxes, labels, matrix, scale, size))
 
   def _sample(self, step, slot, index, use_mosaic):
     cfg = self.config
     rng = np.random.default_rng([cfg.seed, step, self.process_index * self.local_batch_size + slot])
     if use_mosaic and rng.uniform() < cfg.mosaic:
-      image, boxes, labels = self._mosaic(rng, index)
+      image, boxes, labels = self._mosaic(rng, step, index)
       if rng.uniform() < cfg.mixup:
-        other_image, other_boxes, other_labels = self._mosaic(rng, rng.integers(len(self.source)))
-        image = transforms.mixup(image, other_image, np.float32(rng.beta(32.0, 32.0))).numpy()
+        other_image, other_boxes, other_labels = self._mosaic(rng, step, self._partner(rng, step))
+        image = transforms.mixup(image, other_image, rng.beta(32.0, 32.0))
         boxes = np.concatenate([boxes, other_boxes])
         labels = np.concatenate([labels, other_labels])
     else:
-      image, boxes, labels = self._load(index)
-      image, boxes, keep = self._letterbox_affine(
-          image, boxes, np.float32(rng.uniform(1 - cfg.scale, 1 + cfg.scale)),
-          rng.uniform(-cfg.translate, cfg.translate, 2).astype(np.float32))
-      image, boxes, labels = image.numpy(), boxes.numpy()[keep.numpy()], labels[keep.numpy()]
-    gains = (1 + rng.uniform(-1, 1, 3) * np.asarray(cfg.hsv)).astype(np.float32)
-    flip = bool(rng.uniform() < cfg.fliplr)
-    image = self._colour_and_flip_image(image, gains, flip).numpy()
-    boxes = boxes.reshape(-1, 4).astype(np.float32)
-    if flip:
-      boxes = np.stack([cfg.image_size - boxes[:, 2], boxes[:, 1],
-                        cfg.image_size - boxes[:, 0], boxes[:, 3]], axis=1)
+      image, boxes, labels = self._letterbox_affine(rng, index)
+    gains = 1 + rng.uniform(-1, 1, 3) * np.asarray(cfg.hsv)
+    image = transforms.hsv_jitter(image, gains)
+    if rng.uniform() < cfg.fliplr:
+      image, boxes = transforms.horizontal_flip(image, boxes)
     return image, boxes, labels
 
   def batch(self, step):
@@ -241,8 +222,13 @@ class TrainPipeline:
     epoch = step // self.steps_per_epoch
     use_mosaic = self.total_epochs is None or epoch < self.total_epochs - cfg.close_mosaic_epochs
     indices = self.sample_indices(step)
+    if use_mosaic and cfg.mosaic_partner_window > 0:
+      # This batch's own images join the partner window: decode each once, before any sample
+      # asks for it as a partner.
+      list(self._executor.map(self._load, indices))
     samples = list(self._executor.map(
         lambda args: self._sample(step, args[0], args[1], use_mosaic), enumerate(indices)))
+    self._evict(step)
     size, max_boxes = cfg.image_size, cfg.max_boxes
     out = {"images": np.stack([image for image, _, _ in samples]),
            "boxes": np.zeros((len(samples), max_boxes, 4), np.float32),
@@ -260,16 +246,33 @@ class TrainPipeline:
     pending = concurrent.futures.ThreadPoolExecutor(1)
     step = start_step
     queue = [pending.submit(self.batch, s) for s in range(step, step + self.config.prefetch_batches)]
-    while True:
-      yield queue.pop(0).result()
-      step += 1
-      queue.append(pending.submit(self.batch, step + self.config.prefetch_batches - 1))
+    try:
+      while True:
+        yield queue.pop(0).result()
+        step += 1
+        queue.append(pending.submit(self.batch, step + self.config.prefetch_batches - 1))
+    finally:
+      pending.shutdown(wait=False, cancel_futures=True)
+
+
+def eval_example(image, size):
+  """The official validation transform (FACTS.md §8.2, square): long side to ``size``
+  (INTER_AREA when shrinking), then centred grey padding. Returns (image, ratio, pad_xy) where
+  ratio (resized height / original height) and pad_xy (half paddings, floats) are the official
+  ``scale_boxes`` parameters: original = (letterboxed - pad) / ratio."""
+  height = image.shape[0]
+  shrinking = max(image.shape[:2]) > size
+  resized, _ = transforms.resize_long_side(
+      image, np.zeros((0, 4)), size, cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+  padded, _, _ = transforms.letterbox(resized, np.zeros((0, 4)), (size, size), scale_up=False)
+  pad_xy = (size - np.array(resized.shape[1::-1], np.float32)) / 2
+  return padded, resized.shape[0] / height, pad_xy
 
 
 def eval_batches(source, batch_size, image_size, process_index=None, process_count=None):
-  """Letterboxed evaluation batches of this process's examples (a contiguous shard), the last
-  batch padded: "images", "image_id", "original_hw" (b, 2), "ratio" (b,), "pad_xy" (b, 2) — a
-  box maps back to original pixels as (box - pad) / ratio — and "example_valid" (b,) bool."""
+  """Evaluation batches of this process's examples (a contiguous shard), the last batch padded:
+  "images", "image_id", "original_hw" (b, 2), "ratio" (b,), "pad_xy" (b, 2) — a box maps back
+  to original pixels as (box - pad) / ratio — and "example_valid" (b,) bool."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   shard = np.array_split(np.arange(len(source)), process_count)[process_index]
@@ -281,12 +284,10 @@ def eval_batches(source, batch_size, image_size, process_index=None, process_cou
            "example_valid": np.zeros(batch_size, bool)}
     for i, index in enumerate(indices):
       example = source[int(index)]
-      image, _, letterbox = transforms.letterbox(
-          tf.constant(example["image"]), tf.zeros((0, 4)), (image_size, image_size))
-      out["images"][i] = image.numpy()
+      image = np.asarray(example["image"])
+      out["images"][i], out["ratio"][i], out["pad_xy"][i] = eval_example(image, image_size)
       out["image_id"][i] = int(example["image_id"] if "image_id" in example else example["image/id"])
-      out["original_hw"][i] = example["image"].shape[:2]
-      out["ratio"][i], out["pad_xy"][i] = letterbox.ratio.numpy(), letterbox.pad_xy.numpy()
+      out["original_hw"][i] = image.shape[:2]
       out["example_valid"][i] = True
     yield out
 
