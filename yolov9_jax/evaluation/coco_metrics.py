@@ -34,17 +34,39 @@ def to_coco_results(boxes_xyxy_px, scores, labels, count, image_id, category_ids
   return results
 
 
-def coco_metrics(annotations_json, results, image_ids=None):
-  """The 12 COCO box metrics of ``results`` against the ground truth JSON, as a dict (pycocotools'
-  own printout is captured and returned as "table")."""
+def load_ground_truth(ground_truth):
+  """A pycocotools ``COCO`` from an instances JSON path or an already loaded dict."""
+  with contextlib.redirect_stdout(io.StringIO()):
+    if not isinstance(ground_truth, dict):
+      return COCO(str(ground_truth))
+    coco = COCO()
+    coco.dataset = ground_truth
+    coco.createIndex()
+    return coco
+
+
+def coco_evaluation(ground_truth, results, image_ids=None):
+  """(the evaluated, accumulated ``COCOeval``, or None without results; pycocotools' printout).
+  ``ground_truth``: an instances JSON path, its dict or a ``COCO``; ``image_ids``: the images
+  evaluated (the official ``params.imgIds``), all of the ground truth's when None."""
+  coco = ground_truth if isinstance(ground_truth, COCO) else load_ground_truth(ground_truth)
+  if not results:
+    return None, "no detections"
   with contextlib.redirect_stdout(io.StringIO()) as printed:
-    ground_truth = COCO(str(annotations_json))
-    if not results:
-      return {**dict.fromkeys(STAT_NAMES, 0.0), "table": "no detections"}
-    evaluation = COCOeval(ground_truth, ground_truth.loadRes(results), "bbox")
+    # loadRes adds keys (area, id, segmentation) to the dicts it is given: hand it copies.
+    evaluation = COCOeval(coco, coco.loadRes([dict(r) for r in results]), "bbox")
     if image_ids is not None:
       evaluation.params.imgIds = sorted(int(i) for i in image_ids)
     evaluation.evaluate()
     evaluation.accumulate()
     evaluation.summarize()
-  return {**dict(zip(STAT_NAMES, map(float, evaluation.stats))), "table": printed.getvalue()}
+  return evaluation, printed.getvalue()
+
+
+def coco_metrics(annotations_json, results, image_ids=None):
+  """The 12 COCO box metrics of ``results`` against the ground truth (JSON path or dict), as a
+  dict (pycocotools' own printout is captured and returned as "table")."""
+  evaluation, table = coco_evaluation(annotations_json, results, image_ids)
+  if evaluation is None:
+    return {**dict.fromkeys(STAT_NAMES, 0.0), "table": table}
+  return {**dict(zip(STAT_NAMES, map(float, evaluation.stats))), "table": table}

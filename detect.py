@@ -1,0 +1,130 @@
+"""Detect objects in images, folders or globs; write annotated images and a detections JSON.
+
+    python detect.py --model=gelan-c --weights=gelan-c.msgpack --class_names=person,bicycle,... \\
+        --out_dir=runs/detect photos/ "more/*.jpg" one.png
+
+Official detect settings (FACTS.md §8.3): best class per anchor, conf 0.25, IoU 0.45, at most 1000
+detections per image. Each image is letterboxed like the official detect (resized to fit
+``--image_size``, enlarging included, bilinear; centred grey 114 padding) but always to the full
+square, where the official one pads only to the next multiple of 32: every batch then has one
+static shape and compiles once. Boxes in the JSON and the pictures are in original image pixels.
+"""
+import glob
+import json
+import pathlib
+import sys
+
+import cv2
+
+import jax
+import numpy as np
+from absl import flags
+
+from yolov9_jax.data import pipeline, transforms, visualize
+from yolov9_jax.evaluation import coco_metrics, evaluator
+
+# This script's own flags (eval.py has flags of the same names; both run in one test process).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", None, "architecture, e.g. gelan-c or yolov9-c", flag_values=FLAGS)
+flags.DEFINE_string("weights", None, "weights file: .msgpack, .npz, or an official .pt",
+                    flag_values=FLAGS)
+flags.DEFINE_list("class_names", None, "class names in label order (default: label numbers)",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 640, "letterbox side, a multiple of 32", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 8, "images per step, divisible by the number of devices",
+                     flag_values=FLAGS)
+flags.DEFINE_float("conf_threshold", 0.25, "minimum class score", flag_values=FLAGS)
+flags.DEFINE_float("iou_threshold", 0.45, "NMS IoU threshold (same class)", flag_values=FLAGS)
+flags.DEFINE_integer("max_det", 1000, "detections per image at most", flag_values=FLAGS)
+flags.DEFINE_string("out_dir", "runs/detect", "where the pictures and JSON are written",
+                    flag_values=FLAGS)
+flags.DEFINE_boolean("help", False, "show this help", flag_values=FLAGS)
+IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
+
+def image_paths(inputs):
+  """The image files named by ``inputs`` (files, folders, glob patterns), in a stable order."""
+  paths = []
+  for item in inputs:
+    path = pathlib.Path(item).expanduser()
+    if path.is_dir():
+      found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif path.is_file():
+      found = [path]
+    else:
+      found = sorted(pathlib.Path(p) for p in glob.glob(str(path), recursive=True)
+                     if pathlib.Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+      raise FileNotFoundError(f"no image files at {item!r} (a file, a folder or a glob pattern)")
+    paths.extend(found)
+  return paths
+
+
+def _read_rgb(path):
+  image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # applies EXIF orientation, like the official
+  return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def main(argv):
+  FLAGS.unparse_flags()
+  inputs = FLAGS(argv)[1:]
+  if FLAGS.help:
+    print(__doc__ + "\n" + FLAGS.get_help())
+    return None
+  missing = [f"--{name}" for name in ("model", "weights") if FLAGS[name].value is None]
+  if missing or not inputs:
+    raise ValueError(f"detect.py needs {', '.join(missing + ['images'] * (not inputs))}")
+  paths = image_paths(inputs)
+  variables = evaluator.load_variables(FLAGS.weights, FLAGS.model)
+  mesh = evaluator.default_mesh()
+  if FLAGS.batch_size % mesh.size:
+    raise ValueError(f"--batch_size={FLAGS.batch_size} is not divisible by the {mesh.size} devices")
+  detect, fused_variables, num_classes = evaluator.prepare_detector(
+      FLAGS.model, variables, mesh, FLAGS.conf_threshold, FLAGS.iou_threshold, FLAGS.max_det,
+      multi_label=False)
+  class_names = FLAGS.class_names or [str(label) for label in range(num_classes)]
+  if len(class_names) != num_classes:
+    raise ValueError(f"--class_names has {len(class_names)} names, the model {num_classes} classes")
+  out_dir = pathlib.Path(FLAGS.out_dir).expanduser()
+  out_dir.mkdir(parents=True, exist_ok=True)
+  size = FLAGS.image_size
+  records, unreadable = [], []
+  for first in range(0, len(paths), FLAGS.batch_size):
+    batch_paths, originals, transforms_ = [], [], []
+    images = np.full((FLAGS.batch_size, size, size, 3), transforms.FILL_VALUE, np.uint8)
+    for path in paths[first:first + FLAGS.batch_size]:
+      image = _read_rgb(path)
+      if image is None:
+        unreadable.append(str(path))
+        continue
+      images[len(batch_paths)], _, letterbox = transforms.letterbox(image, np.zeros((0, 4)),
+                                                                    (size, size))
+      batch_paths.append(path)
+      originals.append(image)
+      transforms_.append(letterbox)
+    detections = jax.tree.map(evaluator.host_rows,
+                              detect(fused_variables, pipeline.to_global_array(images, mesh)))
+    for i, (path, image, letterbox) in enumerate(zip(batch_paths, originals, transforms_)):
+      count = int(detections.count[i])
+      boxes = coco_metrics.boxes_to_original(detections.boxes_xyxy_px[i, :count], letterbox.ratio,
+                                             letterbox.pad_xy, image.shape[:2])
+      scores, labels = detections.scores[i, :count], detections.classes[i, :count]
+      picture = out_dir / path.name
+      visualize.draw_boxes(image, boxes, labels, class_names, scores).save(picture)
+      records.append({"file": str(path), "annotated": str(picture), "height": image.shape[0],
+                      "width": image.shape[1], "detections": [
+                          {"box_xyxy_px": [round(float(v), 2) for v in box], "score": float(score),
+                           "class": int(label), "name": class_names[int(label)]}
+                          for box, score, label in zip(boxes, scores, labels)]})
+  (out_dir / "detections.json").write_text(json.dumps(
+      {"images": records, "unreadable": unreadable}, indent=1))
+  print(f"{len(records)} images, {sum(len(r['detections']) for r in records)} detections; "
+        f"{len(unreadable)} unreadable; wrote {out_dir}")
+  return records
+
+
+if __name__ == "__main__":
+  try:
+    main(sys.argv)
+  except (FileNotFoundError, ValueError, NotImplementedError, flags.Error) as error:
+    sys.exit(f"detect.py: {error}")

@@ -1,0 +1,112 @@
+"""Evaluate a checkpoint on a prepared dataset split by the official COCO protocol (FACTS.md §8).
+
+    python eval.py --model=gelan-c --weights=gelan-c.msgpack --data_dir=~/tfds --dataset=coco \\
+        --split=validation --annotations=instances_val2017.json --out_dir=runs/eval
+
+Prints the COCO table, the per-class AP table and images/s; writes into ``--out_dir``:
+predictions.json (COCO results, original pixels, the dataset's category ids), per_class_ap.csv,
+metrics.json, pr_curve.png and confusion_matrix.png. The dataset is a TFDS dataset prepared by
+``coco_format.prepare``; without ``--annotations`` the ground truth is built from the dataset's
+own boxes (AP_small/medium/large then use box areas, not COCO's segment areas).
+"""
+import csv
+import json
+import pathlib
+import sys
+
+from absl import flags
+
+from yolov9_jax.evaluation import evaluator, plots
+
+# This script's own flags (detect.py has flags of the same names; both run in one test process).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", None, "architecture, e.g. gelan-c or yolov9-c", flag_values=FLAGS)
+flags.DEFINE_string("weights", None, "weights file: .msgpack, .npz, or an official .pt",
+                    flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "TFDS data_dir holding the prepared dataset",
+                    flag_values=FLAGS)
+flags.DEFINE_string("dataset", None, "TFDS name given to coco_format.prepare", flag_values=FLAGS)
+flags.DEFINE_string("split", "validation", "split to evaluate", flag_values=FLAGS)
+flags.DEFINE_string("annotations", None, "COCO instances JSON of the split (official numbers)",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 640, "letterbox side, a multiple of 32", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 32, "global batch, divisible by the number of devices",
+                     flag_values=FLAGS)
+flags.DEFINE_string("out_dir", "runs/eval", "where the results are written", flag_values=FLAGS)
+flags.DEFINE_boolean("help", False, "show this help", flag_values=FLAGS)
+REQUIRED = ("model", "weights", "data_dir", "dataset")
+
+
+def _source(data_dir, dataset, split):
+  """(random-access source, label -> category id, class names) of a prepared dataset split."""
+  import tensorflow_datasets as tfds
+
+  from yolov9_jax.data import coco_format
+  root = pathlib.Path(data_dir).expanduser()
+  if not (root / dataset).is_dir():
+    raise FileNotFoundError(f"no prepared dataset {dataset!r} under {root} (expected the folder "
+                            f"{root / dataset}; write it with coco_format.prepare)")
+  builder = tfds.builder(dataset, data_dir=str(root))
+  if split not in builder.info.splits:
+    raise ValueError(f"dataset {dataset!r} in {root} has no split {split!r}; it has "
+                     f"{sorted(builder.info.splits)}")
+  class_names = builder.info.features["objects"]["label"].names
+  return builder.as_data_source(split=split), coco_format.category_ids(builder), class_names
+
+
+def _per_class_table(per_class_ap):
+  width = max([len("class")] + [len(name) for name in per_class_ap])
+  lines = [f"{'class':<{width}}  {'AP':>6}  {'AP50':>6}"]
+  for name, ap in per_class_ap.items():
+    lines.append(f"{name:<{width}}  {ap['AP']:6.3f}  {ap['AP50']:6.3f}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  FLAGS.unparse_flags()
+  FLAGS(argv)
+  if FLAGS.help:
+    print(__doc__ + "\n" + FLAGS.get_help())
+    return None
+  missing = [f"--{name}" for name in REQUIRED if FLAGS[name].value is None]
+  if missing:
+    raise ValueError(f"eval.py needs {', '.join(missing)}")
+  weights = pathlib.Path(FLAGS.weights).expanduser()
+  if not weights.is_file():
+    raise FileNotFoundError(f"weights file {weights} does not exist")
+  source, category_ids, class_names = _source(FLAGS.data_dir, FLAGS.dataset, FLAGS.split)
+  variables = evaluator.load_variables(weights, FLAGS.model, num_classes=len(category_ids))
+  annotations = FLAGS.annotations and pathlib.Path(FLAGS.annotations).expanduser()
+  if annotations and not annotations.is_file():
+    raise FileNotFoundError(f"annotations file {annotations} does not exist")
+  result = evaluator.evaluate(FLAGS.model, variables, source, category_ids,
+                              class_names=class_names, image_size=FLAGS.image_size,
+                              batch_size=FLAGS.batch_size, ground_truth=annotations)
+  out_dir = pathlib.Path(FLAGS.out_dir).expanduser()
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / "predictions.json").write_text(json.dumps(result.results))
+  (out_dir / "metrics.json").write_text(json.dumps(
+      {**{k: v for k, v in result.metrics.items() if k != "table"}, "images": result.images,
+       "images_per_second": result.images_per_second,
+       "candidates_dropped": result.candidates_dropped}, indent=1))
+  with open(out_dir / "per_class_ap.csv", "w", newline="") as file:
+    writer = csv.writer(file)
+    writer.writerow(["class", "category_id", "AP", "AP50"])
+    for (name, ap), category_id in zip(result.per_class_ap.items(), category_ids):
+      writer.writerow([name, category_id, f"{ap['AP']:.5f}", f"{ap['AP50']:.5f}"])
+  plots.save_pr_curves(result.pr_recall, result.pr_precision, class_names, out_dir / "pr_curve.png")
+  plots.save_confusion_matrix(result.confusion_matrix, class_names, out_dir / "confusion_matrix.png")
+  print(result.metrics["table"])
+  print(_per_class_table(result.per_class_ap))
+  print(f"{result.images} images, {result.images_per_second:.1f} images/s "
+        f"(pipeline + network + NMS; compilation {result.compile_seconds:.1f} s); "
+        f"NMS candidates over the cap: {result.candidates_dropped}")
+  print(f"wrote {out_dir}")
+  return result
+
+
+if __name__ == "__main__":
+  try:
+    main(sys.argv)
+  except (FileNotFoundError, ValueError, NotImplementedError, flags.Error) as error:
+    sys.exit(f"eval.py: {error}")

@@ -1,0 +1,406 @@
+"""Evaluation of a detector on a dataset by the official protocol (FACTS.md §8), jitted and sharded.
+
+One jitted function per (model, thresholds, mesh) takes a batch of letterboxed uint8 images,
+normalises them on the device, runs the fused main branch (``inference.inference_model``) and
+``nms.non_max_suppression``; nothing goes back to the host in between. Batches are sharded over the
+mesh's "data" axis; in a multi-process job every process evaluates its own shard of the dataset
+and process 0 gathers all predictions for one COCO evaluation (pycocotools).
+
+One difference from the official ``val.py``: every batch is a square ``image_size`` letterbox
+(static shapes, one compilation), where the official script pads each batch to a rectangle of up
+to 672 px chosen by the batch's aspect ratios. The resize (long side to ``image_size``), the
+padding colour and the mapping back to original pixels are the official ones.
+"""
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import pathlib
+import pickle
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from yolov9_jax import interop, models
+from yolov9_jax.data import pipeline
+from yolov9_jax.evaluation import coco_metrics, inference, nms
+
+# The official val.py's confusion matrix: detections above this score, matched above this IoU.
+CONFUSION_SCORE_THRESHOLD = 0.25
+CONFUSION_IOU_THRESHOLD = 0.45
+
+
+@dataclasses.dataclass
+class EvalResult:
+  """What an evaluation measured. ``metrics`` and the per-class fields are filled on process 0
+  only (other processes of a multi-process job get empty ones)."""
+  metrics: dict               # coco_metrics.STAT_NAMES -> float, and "table" (pycocotools' printout)
+  results: list               # COCO result dicts, boxes in original pixels (all processes')
+  class_names: list           # in label order
+  per_class_ap: dict          # class name -> {"AP", "AP50"}; nan where a class has no ground truth
+  pr_recall: np.ndarray       # (101,) COCOeval's recall points
+  pr_precision: np.ndarray    # (K, 101) precision at IoU 0.5 per class, all areas, 100 detections
+  confusion_matrix: np.ndarray  # (K + 1, K + 1) counts [predicted, true]; index K is background
+  images: int                 # images evaluated (padding excluded)
+  images_per_second: float    # pipeline + network + NMS + results, after compilation
+  compile_seconds: float
+  candidates_dropped: int     # NMS candidates cut by the cap, over all images
+
+
+def default_mesh():
+  """A one-axis ("data") mesh over all devices of all processes."""
+  return Mesh(np.array(jax.devices()), ("data",))
+
+
+@functools.lru_cache(maxsize=16)
+def detector(fused_architecture, num_classes, mesh, conf_threshold, iou_threshold, max_det,
+             multi_label, dtype="float32"):
+  """jitted (fused variables, images (B, S, S, 3) uint8 RGB) -> ``nms.Detections``, boxes in
+  letterboxed input pixels, the batch sharded over ``mesh``'s "data" axis. Cached, so repeated
+  evaluations (every epoch) reuse the compiled function."""
+  model = models.build(fused_architecture, num_classes=num_classes, dtype=dtype, fused=True)
+  batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
+
+  def detect(fused_variables, images_uint8):
+    images = images_uint8.astype(model.dtype) / 255
+    predictions = model.apply(fused_variables, images, train=False)["main"]
+    # bfloat16 boxes would be off by pixels at 640: NMS and the boxes stay float32.
+    return nms.non_max_suppression(predictions.astype(jnp.float32), conf_threshold, iou_threshold,
+                                   max_det, multi_label=multi_label)
+
+  return jax.jit(detect, in_shardings=(NamedSharding(mesh, PartitionSpec()), batch_sharded),
+                 out_shardings=batch_sharded)
+
+
+def prepare_detector(model_name, variables, mesh, conf_threshold, iou_threshold, max_det,
+                     multi_label, dtype="float32"):
+  """(jitted detector, fused variables replicated on ``mesh``, number of classes) for the
+  training variables {"params", "batch_stats"} of ``model_name``."""
+  model, fused_variables = inference.inference_model(model_name, variables, dtype)
+  detect = detector(model.architecture, model.num_classes, mesh, conf_threshold, iou_threshold,
+                    max_det, multi_label, dtype)
+  replicated = jax.device_put(fused_variables, NamedSharding(mesh, PartitionSpec()))
+  return detect, replicated, model.num_classes
+
+
+def host_rows(array):
+  """This process's rows of a batch-sharded global array, as numpy (all rows in one process)."""
+  shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+  return np.concatenate([np.asarray(shard.data) for shard in shards])
+
+
+def _gather_to_all(value):
+  """Every process's ``value`` (anything picklable), in process order, on every process."""
+  if jax.process_count() == 1:
+    return [value]
+  payload = np.frombuffer(pickle.dumps(value), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(payload.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:payload.size] = payload
+  everything = np.asarray(multihost_utils.process_allgather(padded))
+  return [pickle.loads(everything[p, :size].tobytes()) for p, size in enumerate(sizes)]
+
+
+class RecordingSource:
+  """The source, noting each example's ground truth as the evaluation reads it (one decode)."""
+
+  def __init__(self, source):
+    self.source = source
+    self.images_hw = {}  # image id -> (height, width) pixels
+    self.objects = {}    # image id -> (bbox (N, 4) ymin, xmin, ymax, xmax normalised, labels, crowd)
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    example = self.source[index]
+    image_id = pipeline.example_image_id(example)
+    self.images_hw[image_id] = tuple(int(v) for v in np.shape(example["image"])[:2])
+    objects = example["objects"]
+    self.objects[image_id] = (np.asarray(objects["bbox"], np.float64).reshape(-1, 4),
+                              np.asarray(objects["label"]).reshape(-1),
+                              np.asarray(objects["is_crowd"]).reshape(-1))
+    return example
+
+
+def ground_truth_from_examples(images_hw, objects, category_ids, class_names):
+  """A COCO instances dict from examples' normalised boxes: bbox in original pixels, area = the
+  box's area. COCO's own annotations give segment areas instead, which decide the small / medium /
+  large split: AP_small etc. match the official numbers only with the official instances JSON."""
+  images, annotations = [], []
+  for image_id in sorted(images_hw):
+    height, width = images_hw[image_id]
+    images.append({"id": image_id, "height": height, "width": width})
+    bbox, labels, crowd = objects[image_id]
+    for (y1, x1, y2, x2), label, is_crowd in zip(bbox * [height, width, height, width], labels, crowd):
+      annotations.append({
+          "id": len(annotations) + 1,  # pycocotools treats id 0 as "no match"
+          "image_id": image_id, "category_id": int(category_ids[int(label)]),
+          "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+          "area": float((x2 - x1) * (y2 - y1)), "iscrowd": int(is_crowd)})
+  categories = [{"id": int(i), "name": str(name)} for i, name in zip(category_ids, class_names)]
+  return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _box_iou_xyxy(boxes_a, boxes_b):
+  """(N, M) IoU of two sets of x1, y1, x2, y2 boxes."""
+  top_left = np.maximum(boxes_a[:, None, :2], boxes_b[None, :, :2])
+  bottom_right = np.minimum(boxes_a[:, None, 2:], boxes_b[None, :, 2:])
+  inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=-1)
+  area_a = np.prod(boxes_a[:, 2:] - boxes_a[:, :2], axis=-1)
+  area_b = np.prod(boxes_b[:, 2:] - boxes_b[:, :2], axis=-1)
+  return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-9)
+
+
+def _xywh_to_xyxy(boxes_xywh):
+  boxes = np.asarray(boxes_xywh, np.float64).reshape(-1, 4)
+  return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+
+
+def confusion_matrix(coco, results, image_ids, category_ids,
+                     score_threshold=CONFUSION_SCORE_THRESHOLD, iou_threshold=CONFUSION_IOU_THRESHOLD):
+  """(K + 1, K + 1) counts [predicted label, true label] as the official val.py plots them:
+  detections above ``score_threshold`` matched one-to-one with non-crowd ground truth of any class
+  at IoU > ``iou_threshold``, best IoU first; unmatched detections count against background
+  (column K), missed objects as background predictions (row K)."""
+  label_of = {int(c): label for label, c in enumerate(category_ids)}
+  background = len(category_ids)
+  matrix = np.zeros((background + 1, background + 1), np.int64)
+  detections = collections.defaultdict(list)
+  for result in results:
+    if result["score"] > score_threshold:
+      detections[result["image_id"]].append(result)
+  for image_id in image_ids:
+    truths = [a for a in coco.imgToAnns.get(image_id, [])
+              if not a.get("iscrowd", 0) and a["category_id"] in label_of]
+    true_labels = np.array([label_of[a["category_id"]] for a in truths], np.int64)
+    predicted_labels = np.array([label_of[d["category_id"]] for d in detections[image_id]], np.int64)
+    iou = _box_iou_xyxy(_xywh_to_xyxy([d["bbox"] for d in detections[image_id]]),
+                        _xywh_to_xyxy([a["bbox"] for a in truths]))
+    predicted_index, true_index = np.nonzero(iou > iou_threshold)
+    order = np.argsort(-iou[predicted_index, true_index], kind="stable")
+    matched_predicted, matched_true = set(), set()
+    for p, t in zip(predicted_index[order], true_index[order]):
+      if p not in matched_predicted and t not in matched_true:
+        matched_predicted.add(p)
+        matched_true.add(t)
+        matrix[predicted_labels[p], true_labels[t]] += 1
+    for p, label in enumerate(predicted_labels):
+      matrix[label, background] += p not in matched_predicted
+    for t, label in enumerate(true_labels):
+      matrix[background, label] += t not in matched_true
+  return matrix
+
+
+def _per_class(evaluation, category_ids, class_names):
+  """({name: {"AP", "AP50"}}, precision at IoU 0.5 (K, 101)) from COCOeval's accumulated table."""
+  num_classes = len(category_ids)
+  precision_at_50 = np.full((num_classes, 101), -1.0)
+  per_class_ap = {str(name): {"AP": float("nan"), "AP50": float("nan")} for name in class_names}
+  if evaluation is None:
+    return per_class_ap, precision_at_50
+  # precision: (IoU thresholds, recall points, categories, area ranges, max detections);
+  # area range 0 is "all", the last max-detections setting is 100 (COCO's headline numbers).
+  precision = evaluation.eval["precision"][:, :, :, 0, -1]
+  column_of = {int(c): k for k, c in enumerate(evaluation.params.catIds)}
+  for label, (category_id, name) in enumerate(zip(category_ids, class_names)):
+    if int(category_id) not in column_of:
+      continue
+    table = precision[:, :, column_of[int(category_id)]]
+    precision_at_50[label] = table[0]
+    if (table > -1).any():
+      per_class_ap[str(name)] = {"AP": float(table[table > -1].mean()),
+                                 "AP50": float(table[0][table[0] > -1].mean())}
+  return per_class_ap, precision_at_50
+
+
+def _prefetched(iterator):
+  """The items of ``iterator``, the next one read in a thread while the caller works."""
+  with concurrent.futures.ThreadPoolExecutor(1) as reader:
+    pending = reader.submit(next, iterator, None)
+    while (item := pending.result()) is not None:
+      pending = reader.submit(next, iterator, None)
+      yield item
+
+
+def evaluate(model_name, variables, source, category_ids, *, class_names=None, image_size=640,
+             batch_size=32, ground_truth=None, mesh=None, conf_threshold=0.001, iou_threshold=0.7,
+             max_det=300, dtype="float32", progress=True) -> EvalResult:
+  """COCO evaluation of ``model_name``'s training variables ({"params", "batch_stats"}) on
+  ``source`` (a random-access source, e.g. ``builder.as_data_source("validation")``).
+
+  ``category_ids[label]`` is the dataset's id of each label (``coco_format.category_ids`` or
+  ``coco_metrics.COCO80_TO_91``). ``batch_size`` is global, divisible by the mesh's devices.
+  ``ground_truth``: an instances JSON path or dict; when None it is built from the source's own
+  boxes (``ground_truth_from_examples``), whose areas are box areas: real COCO numbers (the
+  small/medium/large split) need the official instances JSON, whose areas are segment areas.
+  Defaults are the official evaluation settings (conf 0.001, IoU 0.7, 300 detections).
+  """
+  mesh = default_mesh() if mesh is None else mesh
+  if batch_size % mesh.size:
+    raise ValueError(f"batch_size={batch_size} is not divisible by the {mesh.size} devices of "
+                     "the mesh")
+  detect, fused_variables, num_classes = prepare_detector(
+      model_name, variables, mesh, conf_threshold, iou_threshold, max_det, multi_label=True,
+      dtype=dtype)
+  if len(category_ids) != num_classes:
+    raise ValueError(f"category_ids has {len(category_ids)} entries, the model {num_classes} "
+                     "classes")
+  class_names = [str(c) for c in category_ids] if class_names is None else list(class_names)
+  local_batch_size = batch_size // jax.process_count()
+  steps = pipeline.eval_batch_count(len(source), local_batch_size, jax.process_count())
+  reader = RecordingSource(source) if ground_truth is None else source
+
+  compile_start = time.perf_counter()
+  jax.block_until_ready(detect(fused_variables, pipeline.to_global_array(
+      np.zeros((local_batch_size, image_size, image_size, 3), np.uint8), mesh)))
+  compile_seconds = time.perf_counter() - compile_start
+
+  results, image_ids, candidates_dropped = [], [], 0
+
+  def collect(detections, batch):
+    nonlocal candidates_dropped
+    batch_results, batch_ids, dropped = detections_to_results(
+        jax.tree.map(host_rows, detections), batch, category_ids)
+    results.extend(batch_results)
+    image_ids.extend(batch_ids)
+    candidates_dropped += dropped
+
+  start = time.perf_counter()
+  batches = pipeline.eval_batches(reader, local_batch_size, image_size)
+  pending = None
+  show = progress and jax.process_index() == 0
+  for batch in tqdm(_prefetched(batches), total=steps, disable=not show, desc="evaluating",
+                    unit="batch"):
+    detections = detect(fused_variables, pipeline.to_global_array(batch["images"], mesh))
+    if pending is not None:  # the host works on the previous batch while the device runs this one
+      collect(*pending)
+    pending = (detections, batch)
+  if pending is not None:
+    collect(*pending)
+  seconds = time.perf_counter() - start
+
+  recorded = (reader.images_hw, reader.objects) if ground_truth is None else None
+  gathered = _gather_to_all((results, image_ids, candidates_dropped, recorded))
+  results = [r for part in gathered for r in part[0]]
+  image_ids = sorted(i for part in gathered for i in part[1])
+  common = dict(results=results, class_names=class_names, images=len(image_ids),
+                images_per_second=len(image_ids) / max(seconds, 1e-9),
+                compile_seconds=compile_seconds,
+                candidates_dropped=sum(part[2] for part in gathered))
+  if jax.process_index() != 0:
+    return EvalResult(metrics={}, per_class_ap={}, pr_recall=np.linspace(0, 1, 101),
+                      pr_precision=np.zeros((0, 101)), confusion_matrix=np.zeros((0, 0), np.int64),
+                      **common)
+  if ground_truth is None:
+    images_hw = {k: v for part in gathered for k, v in part[3][0].items()}
+    objects = {k: v for part in gathered for k, v in part[3][1].items()}
+    ground_truth = ground_truth_from_examples(images_hw, objects, category_ids, class_names)
+  return EvalResult(**score(results, image_ids, ground_truth, category_ids, class_names), **common)
+
+
+def detections_to_results(detections, batch, category_ids):
+  """(COCO results in original pixels, image ids, NMS candidates dropped) of one evaluation batch:
+  ``detections`` (``nms.Detections`` as numpy, letterboxed pixels) for ``batch`` (as
+  ``pipeline.eval_batches`` gives it; padding rows are skipped)."""
+  results, image_ids = [], []
+  valid = batch["example_valid"]
+  for i in np.flatnonzero(valid):
+    count = int(detections.count[i])
+    boxes = coco_metrics.boxes_to_original(detections.boxes_xyxy_px[i, :count], batch["ratio"][i],
+                                           batch["pad_xy"][i], batch["original_hw"][i])
+    results.extend(coco_metrics.to_coco_results(boxes, detections.scores[i], detections.classes[i],
+                                                count, batch["image_id"][i], category_ids))
+    image_ids.append(int(batch["image_id"][i]))
+  return results, image_ids, int(np.asarray(detections.candidates_dropped)[valid].sum())
+
+
+def score(results, image_ids, ground_truth, category_ids, class_names):
+  """The EvalResult fields computed from the results: metrics (pycocotools over ``image_ids``),
+  per_class_ap, pr_recall, pr_precision and confusion_matrix."""
+  coco = coco_metrics.load_ground_truth(ground_truth)
+  evaluation, table = coco_metrics.coco_evaluation(coco, results, image_ids)
+  stats = np.zeros(len(coco_metrics.STAT_NAMES)) if evaluation is None else evaluation.stats
+  per_class_ap, precision_at_50 = _per_class(evaluation, category_ids, class_names)
+  return dict(metrics={**dict(zip(coco_metrics.STAT_NAMES, map(float, stats))), "table": table},
+              per_class_ap=per_class_ap, pr_recall=np.linspace(0, 1, 101),
+              pr_precision=precision_at_50,
+              confusion_matrix=confusion_matrix(coco, results, image_ids, category_ids))
+
+
+def _num_classes_in(variables, model_name):
+  head = variables["params"][f"model_{len(models.ARCHITECTURES[model_name]) - 1}"]
+  return int(np.shape(head["cv3_0_2"]["bias"])[0])
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_shapes(model_name, num_classes):
+  """{"params/model_0/conv/kernel"-style key: ShapeDtypeStruct} of the model's variables."""
+  model = models.build(model_name, num_classes=num_classes)
+  return flax.traverse_util.flatten_dict(jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)), sep="/")
+
+
+def _checked_variables(variables, model_name, num_classes, path):
+  """``variables`` as float32 numpy, after checking them against ``model_name``'s layout."""
+  if not isinstance(variables, dict) or not {"params", "batch_stats"} <= set(variables):
+    raise ValueError(f"weights file {path} does not hold model variables ('params' and "
+                     f"'batch_stats'); its top-level keys are {sorted(variables)}")
+  try:
+    found_classes = _num_classes_in(variables, model_name)
+  except KeyError as error:
+    raise ValueError(f"weights file {path} is not a {model_name} checkpoint: no {error} in its "
+                     "head") from None
+  if num_classes is not None and found_classes != num_classes:
+    raise ValueError(f"weights file {path} has {found_classes} classes, expected {num_classes}")
+  expected = _expected_shapes(model_name, found_classes)
+  found = flax.traverse_util.flatten_dict(
+      {k: variables[k] for k in ("params", "batch_stats")}, sep="/")
+  problems = [f"missing {k}" for k in expected if k not in found]
+  problems += [f"unexpected {k}" for k in found if k not in expected]
+  problems += [f"{k} has shape {np.shape(found[k])}, expected {expected[k].shape}"
+               for k in expected if k in found and np.shape(found[k]) != expected[k].shape]
+  if problems:
+    raise ValueError(f"weights file {path} does not fit {model_name} with {found_classes} classes "
+                     f"({len(problems)} problems): " + "; ".join(problems[:10]))
+  return flax.traverse_util.unflatten_dict(
+      {k: np.asarray(v, np.float32) for k, v in found.items()}, sep="/")
+
+
+def load_variables(path, model_name, num_classes=None):
+  """Training variables {"params", "batch_stats"} of ``model_name`` from a weights file.
+
+  Formats: ``.msgpack`` (``flax.serialization.to_bytes`` of the variables), ``.npz`` (the
+  variables flattened with "/"-joined keys, e.g. "params/model_0/conv/kernel"), and official
+  PyTorch checkpoints (``.pt``, ``.safetensors``) through ``interop.load_torch_checkpoint`` where
+  this version has it. ``num_classes`` is read from the file when None, else checked.
+  """
+  path = pathlib.Path(path)
+  if model_name not in models.ARCHITECTURES:
+    raise ValueError(f"unknown model {model_name!r}; expected one of {sorted(models.ARCHITECTURES)}")
+  if not path.is_file():
+    raise FileNotFoundError(f"weights file {path} does not exist" if not path.exists() else
+                            f"weights path {path} is not a file")
+  suffix = path.suffix.lower()
+  if suffix in (".pt", ".pth", ".safetensors"):
+    if not hasattr(interop, "load_torch_checkpoint"):
+      raise NotImplementedError(f"{path}: reading PyTorch checkpoints needs "
+                                "yolov9_jax.interop.load_torch_checkpoint, which this version lacks")
+    config_name, variables, _ = interop.load_torch_checkpoint(path)
+    if config_name != model_name:
+      raise ValueError(f"weights file {path} holds {config_name} weights, not {model_name}")
+  elif suffix == ".npz":
+    with np.load(path) as arrays:
+      variables = flax.traverse_util.unflatten_dict({k: arrays[k] for k in arrays.files}, sep="/")
+  elif suffix == ".msgpack":
+    variables = flax.serialization.msgpack_restore(path.read_bytes())
+  else:
+    raise ValueError(f"weights file {path}: unknown format {suffix!r}; expected .msgpack, .npz, "
+                     ".pt or .safetensors")
+  return _checked_variables(variables, model_name, num_classes, path)
