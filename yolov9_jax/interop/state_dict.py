@@ -7,6 +7,8 @@ Names map mechanically: Flax module ``model_3/cv2_0/m_0/cv1/conv1/bn`` is the of
 ``num_batches_tracked`` have no counterpart here: they are written on export and checked or ignored
 on import.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,8 +83,10 @@ def to_torch_state_dict(architecture: str, variables) -> dict:
   return {key: state_dict[key] for key in sorted(state_dict, key=_official_order)}
 
 
+@functools.lru_cache(maxsize=32)
 def _abstract_variables(architecture, num_classes):
-  """The variables' shapes and dtypes, traced without computing anything."""
+  """The variables' shapes and dtypes, traced without computing anything (a trace takes seconds, so
+  each (architecture, num_classes) is traced once per process; callers only read the result)."""
   model = models.build(architecture, num_classes)
   return jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False))

@@ -1,0 +1,51 @@
+"""Export our weights as official PyTorch weights: state_dict ``.pt`` files that the official
+model's ``load_state_dict(..., strict=True)`` takes, and the same tensors as ``.safetensors``.
+
+  python export.py --checkpoint=runs/demo/checkpoint.msgpack --architecture=yolov9-t \
+      --output=exported/yolov9-t --dtype=float16
+
+writes exported/yolov9-t.pt and .safetensors (yolov9-t with its auxiliary branch, to train on
+with the official code) and exported/yolov9-t-converted.pt and .safetensors (the main branch in
+the gelan-t layout, for the official detect/val/export scripts and TensorRT/ONNX tooling).
+PyTorch is not needed.
+"""
+import pathlib
+
+from absl import app, flags
+from flax import serialization
+
+from yolov9_jax import interop, models
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "our checkpoint: a flax.serialization msgpack of the model variables "
+    "({'params', 'batch_stats'}) or of a training state (training.state.TrainState)", required=True)
+_ARCHITECTURE = flags.DEFINE_enum("architecture", None, list(models.ARCHITECTURES),
+                                  "the architecture the checkpoint was trained as", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "path prefix of the files written", required=True)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "dtype of the floats written")
+_EMA = flags.DEFINE_bool("ema", True, "export the EMA weights of a training state (as the official "
+                         "code saves them) rather than its raw training weights")
+
+
+def load_variables(path, ema=True):
+  """Model variables ``{"params", "batch_stats"}`` from one of our checkpoints: a msgpack of the
+  variables themselves or of a training state (its EMA weights when ``ema``)."""
+  restored = serialization.msgpack_restore(pathlib.Path(path).read_bytes())
+  prefix = "ema_" if ema and "ema_params" in restored else ""
+  if f"{prefix}params" not in restored:
+    raise ValueError(f"{path} holds {sorted(restored)[:10]}: expected model variables "
+                     "('params', 'batch_stats') or a training state ('ema_params', ...)")
+  return {"params": restored[f"{prefix}params"],
+          "batch_stats": restored.get(f"{prefix}batch_stats", {})}
+
+
+def main(argv):
+  del argv
+  variables = load_variables(_CHECKPOINT.value, ema=_EMA.value)
+  for path in interop.export_official_weights(_ARCHITECTURE.value, variables, _OUTPUT.value,
+                                              dtype=_DTYPE.value):
+    print(path)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,509 @@
+"""PyTorch checkpoint files <-> our variables, without PyTorch and without running code from a file.
+
+Reading. Official checkpoints are ``torch.save`` zip archives whose ``<prefix>/data.pkl`` pickles
+whole module objects (``models.yolo.DetectionModel`` and the layers it holds, FACTS.md §10).
+A plain ``pickle.load`` would import and call whatever the file names, so ``_RestrictedUnpickler``
+resolves only the globals that rebuild tensors and plain containers; every ``models.*`` and
+``torch.nn.modules.*`` class becomes an inert stub that keeps its pickled attributes, and any
+other global stops the load with ``UnsafeCheckpointError`` before anything is called. Storages
+are read from the archive with NumPy. Walking the stubs' ``_parameters``, ``_buffers`` and
+``_modules`` gives the official state_dict keys, which ``from_torch_state_dict`` maps.
+
+Writing. ``save_torch_state_dict`` writes the archive that ``torch.save(state_dict)`` writes (same
+records, 64-byte aligned storages, a protocol-2 pickle referencing ``torch._utils._rebuild_tensor_v2``
+and storages by persistent id), so ``torch.load(path, weights_only=True)`` reads it and the
+official model's ``load_state_dict(..., strict=True)`` takes it.
+"""
+import collections
+import functools
+import hashlib
+import io
+import os
+import pathlib
+import pickle
+import struct
+import zipfile
+
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+from numpy._core import multiarray
+
+from yolov9_jax import models
+from yolov9_jax.interop.state_dict import (expected_state_dict_shapes, from_torch_state_dict,
+                                           to_torch_state_dict)
+
+_STORAGE_DTYPES = {
+    "HalfStorage": np.dtype(np.float16), "FloatStorage": np.dtype(np.float32),
+    "DoubleStorage": np.dtype(np.float64), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16), "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_)}
+_STORAGE_OF_DTYPE = {dtype: name for name, dtype in _STORAGE_DTYPES.items()}
+_STUB_MODULE_PREFIXES = ("models.", "torch.nn.modules.")
+_NUM_BATCHES_TRACKED = "num_batches_tracked"
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+  """The file references something other than tensors, plain containers and module classes."""
+
+
+class _StorageType:
+  """What ``torch.HalfStorage`` etc. resolve to: only a dtype, nothing callable."""
+
+  def __init__(self, name):
+    self.name, self.dtype = name, _STORAGE_DTYPES[name]
+
+
+class ModuleStub:
+  """Stands in for an official model class or a ``torch.nn`` module: keeps the pickled attributes
+  (``pickled_state``) and does nothing else. ``official_class`` names the class it replaces."""
+  official_class = ""
+
+  def __init__(self, *unused_args, **unused_kwargs):
+    self.pickled_state = {}
+
+  def __setstate__(self, state):
+    self.pickled_state = state
+
+  def __repr__(self):
+    return f"ModuleStub({self.official_class})"
+
+
+def _rebuild_parameter(data, *unused):
+  return data  # requires_grad and hooks mean nothing to an array
+
+
+def _torch_size(values=()):
+  return tuple(int(v) for v in values)
+
+
+def _refuse(message):
+  raise UnsafeCheckpointError(message)
+
+
+def _latin1_bytes(text, encoding="latin1"):
+  # Protocol-2 pickles spell bytes objects (NumPy array payloads) as _codecs.encode(text, "latin1");
+  # any other codec would be a look-up by name of something we do not need.
+  if encoding not in ("latin1", "latin-1"):
+    _refuse(f"_codecs.encode with encoding {encoding!r}; only latin1 (bytes objects) is allowed")
+  return text.encode("latin1")
+
+
+class _Storage:
+  """A storage read from the archive: a flat array that only persistent ids produce, so a tensor
+  is never rebuilt over an array made some other way."""
+
+  def __init__(self, array):
+    self.array = array
+
+
+class _ZipStorages:
+  """The raw storages ``<prefix>/data/<key>`` of a torch zip archive, read once each."""
+
+  def __init__(self, archive, prefix, byteorder):
+    self._archive, self._prefix, self._byteorder = archive, prefix, byteorder
+    self._arrays = {}
+
+  def array(self, key, storage_type):
+    if (key, storage_type.name) not in self._arrays:
+      record = f"{self._prefix}data/{key}"
+      try:
+        raw = self._archive.read(record)
+      except KeyError:
+        raise ValueError(f"the checkpoint references storage {key}, but has no record {record}") from None
+      dtype = storage_type.dtype.newbyteorder("<" if self._byteorder == "little" else ">")
+      if len(raw) % dtype.itemsize:
+        raise ValueError(f"storage record {record} has {len(raw)} bytes, not a multiple of "
+                         f"{dtype.itemsize} ({storage_type.name})")
+      self._arrays[(key, storage_type.name)] = _Storage(np.frombuffer(raw, dtype))
+    return self._arrays[(key, storage_type.name)]
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Rebuilds tensors (as NumPy arrays), plain containers and inert module stubs; refuses the rest."""
+
+  def __init__(self, file, storages, source):
+    super().__init__(file)
+    self._storages, self._source = storages, source
+    self._stub_classes = {}
+    self._allowed = {
+        ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+        ("torch", "Size"): _torch_size,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("__builtin__", "set"): set, ("builtins", "set"): set,
+        ("_codecs", "encode"): _latin1_bytes,
+        **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+        # NumPy arrays and scalars (per-epoch official checkpoints keep best_fitness as one): they
+        # rebuild from a dtype and raw bytes, and their items come through this same unpickler.
+        **{(module, name): value for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+           for name, value in (("_reconstruct", multiarray._reconstruct),
+                               ("scalar", multiarray.scalar))},
+        ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+  def find_class(self, module, name):
+    if (module, name) in self._allowed:
+      return self._allowed[(module, name)]
+    if module.startswith(_STUB_MODULE_PREFIXES) or module == "models":
+      if (module, name) not in self._stub_classes:
+        self._stub_classes[(module, name)] = type(
+            name, (ModuleStub,), {"official_class": f"{module}.{name}", "__module__": __name__})
+      return self._stub_classes[(module, name)]
+    _refuse(f"{self._source} references the global {module}.{name}, which is neither a tensor "
+            "rebuilder, a torch storage, a plain container nor an official model or torch.nn "
+            "module class: refused, nothing from the file was run")
+
+  def persistent_load(self, persistent_id):
+    if not (isinstance(persistent_id, tuple) and len(persistent_id) >= 3 and persistent_id[0] == "storage"
+            and isinstance(persistent_id[1], _StorageType) and isinstance(persistent_id[2], str)):
+      _refuse(f"{self._source} has a persistent id {persistent_id!r} that is not a torch storage "
+              "('storage', <torch.*Storage>, key, location, numel)")
+    if self._storages is None:
+      _refuse(f"{self._source} references a storage but is not a torch zip archive")
+    return self._storages.array(persistent_id[2], persistent_id[1])
+
+  def _rebuild_tensor(self, storage, storage_offset, size, stride, *unused):
+    if not isinstance(storage, _Storage):
+      _refuse(f"{self._source}: _rebuild_tensor_v2 got {type(storage).__name__}, not a storage")
+    storage = storage.array
+    shape, strides, offset = _torch_size(size), _torch_size(stride), int(storage_offset)
+    if len(shape) != len(strides) or min(shape + strides + (offset,), default=0) < 0:
+      raise ValueError(f"{self._source}: a tensor has size {shape}, stride {strides}, offset {offset}")
+    if 0 in shape:
+      return np.zeros(shape, storage.dtype)
+    # as_strided reads whatever memory the strides reach: bound it by the storage first.
+    last_element = offset + sum((n - 1) * s for n, s in zip(shape, strides))
+    if last_element >= storage.size:
+      raise ValueError(f"{self._source}: a tensor of size {shape}, stride {strides} at offset "
+                       f"{offset} reaches element {last_element} of a storage of {storage.size}")
+    view = np.lib.stride_tricks.as_strided(
+        storage[offset:], shape, [s * storage.itemsize for s in strides], writeable=False)
+    return np.array(view, dtype=storage.dtype.newbyteorder("="))
+
+
+def _unpickle(data, storages, source):
+  try:
+    return _RestrictedUnpickler(io.BytesIO(data), storages, source).load()
+  except (UnsafeCheckpointError, ValueError):
+    raise
+  except Exception as error:  # a malformed stream: say which file, whatever the pickle step was
+    raise ValueError(f"{source} is not a readable checkpoint: {type(error).__name__}: {error}") from error
+
+
+def _read_torch_zip(path):
+  """The object pickled in a torch zip archive, storages as NumPy arrays."""
+  with zipfile.ZipFile(path) as archive:
+    pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
+    if len(pickles) != 1:
+      raise ValueError(f"{path} is a zip file but not a PyTorch checkpoint: expected one "
+                       f"<prefix>/data.pkl record, found {pickles or 'none'}")
+    prefix = pickles[0][:-len("data.pkl")]
+    byteorder = "little"
+    if f"{prefix}byteorder" in archive.namelist():
+      byteorder = archive.read(f"{prefix}byteorder").decode().strip()
+    storages = _ZipStorages(archive, prefix, byteorder)
+    return _unpickle(archive.read(pickles[0]), storages, path)
+
+
+def _module_state_dict(module, prefix, state_dict):
+  """What ``module.state_dict()`` returns, from a stub's pickled attributes, into ``state_dict``."""
+  attributes = module.pickled_state
+  if not isinstance(attributes, dict):
+    raise ValueError(f"module {prefix or '<root>'} ({module.official_class}) has pickled state of "
+                     f"type {type(attributes).__name__}, expected the attribute dict of a torch.nn.Module")
+  non_persistent = attributes.get("_non_persistent_buffers_set") or set()
+  named = [*attributes.get("_parameters", {}).items(),
+           *((n, b) for n, b in attributes.get("_buffers", {}).items() if n not in non_persistent)]
+  for name, array in named:
+    if array is not None:
+      if not isinstance(array, np.ndarray):
+        raise ValueError(f"{prefix}{name} holds a {type(array).__name__}, expected a tensor")
+      state_dict[prefix + name] = array
+  for name, child in attributes.get("_modules", {}).items():
+    if child is not None:
+      if not isinstance(child, ModuleStub):
+        raise ValueError(f"submodule {prefix}{name} is a {type(child).__name__}, expected a module")
+      _module_state_dict(child, f"{prefix}{name}.", state_dict)
+  return state_dict
+
+
+def _is_state_dict(value):
+  return isinstance(value, dict) and value and all(
+      isinstance(k, str) and isinstance(v, np.ndarray) for k, v in value.items())
+
+
+def _class_names(model):
+  names = model.pickled_state.get("names") if isinstance(model, ModuleStub) else None
+  if isinstance(names, dict):  # the official code keeps {index: name} or a list
+    return [str(names[k]) for k in sorted(names)]
+  return [str(n) for n in names] if isinstance(names, (list, tuple)) else None
+
+
+def _unpack_checkpoint(content, path):
+  """(state_dict, info) from what a torch file held: a training checkpoint dict, a pickled model
+  or a plain state_dict."""
+  info = {"kind": "state_dict", "entry": None, "epoch": None, "date": None, "class_names": None}
+  if _is_state_dict(content):
+    return dict(content), info
+  model = content
+  if isinstance(content, dict):
+    # The official loader takes the EMA model when the checkpoint has a truthy one.
+    info["entry"] = "ema" if content.get("ema") else "model"
+    if info["entry"] not in content:
+      raise ValueError(f"{path} holds a dict with keys {sorted(map(str, content))[:10]}: expected "
+                       "a state_dict (names to tensors) or an official checkpoint ('model'/'ema')")
+    model = content[info["entry"]]
+    info.update(epoch=content.get("epoch"), date=content.get("date"))
+    if _is_state_dict(model):
+      return dict(model), info
+  if not isinstance(model, ModuleStub):
+    raise ValueError(f"{path}: expected a state_dict or a pickled model, found {type(model).__name__}")
+  info.update(kind="official checkpoint", class_names=_class_names(model))
+  return _module_state_dict(model, "", {}), info
+
+
+def read_state_dict(path):
+  """(``{official key: numpy array}``, info) from a ``.pt`` (official checkpoint, pickled model or
+  plain state_dict, zip format) or ``.safetensors`` file. Arrays keep the file's dtype.
+
+  info: ``kind`` ("official checkpoint", "state_dict", "safetensors"), ``entry`` (which of
+  ``ema``/``model`` was taken), ``epoch``, ``date``, ``class_names`` (when the file has them),
+  ``dtype`` (the float dtype(s) of the tensors). Raises ``UnsafeCheckpointError`` for a file that
+  references anything else than tensors, containers and module classes.
+  """
+  path = pathlib.Path(path)
+  with open(path, "rb") as file:
+    magic = file.read(8)
+  if path.suffix == ".safetensors":
+    state_dict = safetensors.numpy.load_file(path)
+    with safetensors.safe_open(path, framework="np") as file:
+      metadata = file.metadata() or {}
+    info = {"kind": "safetensors", "entry": None, "epoch": None, "date": None,
+            "class_names": None, "metadata": metadata}
+  elif magic.startswith(b"PK\x03\x04"):
+    state_dict, info = _unpack_checkpoint(_read_torch_zip(path), path)
+  elif magic[:1] == pickle.PROTO:
+    raise ValueError(f"{path} is in PyTorch's legacy (before 1.6) format, which is not supported: "
+                     "re-save it with a trusted PyTorch >= 1.6 (torch.save writes the zip format)")
+  else:
+    raise ValueError(f"{path} is neither a PyTorch zip checkpoint nor a .safetensors file "
+                     f"(it starts with {magic!r})")
+  floats = sorted({str(a.dtype) for a in state_dict.values() if np.issubdtype(a.dtype, np.floating)
+                   or a.dtype == ml_dtypes.bfloat16})
+  info["dtype"] = ",".join(floats) or None
+  return state_dict, info
+
+
+def _class_layer_key(architecture):
+  """The head's class-layer bias: its length is the number of classes."""
+  return f"model.{len(models.ARCHITECTURES[architecture]) - 1}.cv3.0.2.bias"
+
+
+@functools.lru_cache(maxsize=None)
+def _learned_shapes(architecture, num_classes):
+  return {key: tuple(shape) for key, shape in expected_state_dict_shapes(architecture, num_classes).items()
+          if not key.endswith(_NUM_BATCHES_TRACKED)}
+
+
+def detect_architecture(state_dict):
+  """(architecture, num_classes) whose official state_dict has exactly these keys and shapes.
+
+  A converted inference file (yolov9-X's main branch) has the layout of gelan-X and is detected
+  as such. Raises ValueError naming the differing keys of the nearest architecture.
+  """
+  shapes = {key: tuple(np.shape(value)) for key, value in state_dict.items()
+            if not key.endswith(_NUM_BATCHES_TRACKED)}
+  nearest = None
+  for architecture in models.ARCHITECTURES:
+    class_shape = shapes.get(_class_layer_key(architecture))
+    if class_shape is None or len(class_shape) != 1:
+      continue
+    expected = _learned_shapes(architecture, class_shape[0])
+    if expected == shapes:
+      return architecture, class_shape[0]
+    differing = len(expected.keys() ^ shapes.keys()) + sum(
+        expected[k] != shapes[k] for k in expected.keys() & shapes.keys())
+    nearest = min(nearest or (differing, architecture), (differing, architecture))
+  if nearest is None:
+    heads = sorted({_class_layer_key(a) for a in models.ARCHITECTURES})
+    raise ValueError(f"the state_dict has none of the class-layer keys of the YOLOv9/GELAN heads "
+                     f"({', '.join(heads)}); its first keys are {list(state_dict)[:5]}")
+  try:
+    from_torch_state_dict(nearest[1], state_dict)
+  except ValueError as error:  # names the missing, unexpected and mis-shaped keys
+    raise ValueError(f"the state_dict fits none of the {len(models.ARCHITECTURES)} architectures; "
+                     f"the nearest is {nearest[1]} ({nearest[0]} keys differ): {error}") from None
+  raise AssertionError(f"{nearest[1]} accepts the state_dict that detection rejected")
+
+
+def load_torch_checkpoint(path, config=None, num_classes=None):
+  """(config_name, variables, info) from an official checkpoint, a state_dict ``.pt`` or a
+  ``.safetensors`` file; nothing from the file is executed.
+
+  ``config``: the architecture (e.g. "yolov9-c"); detected from the keys and shapes when None (a
+  converted inference file is detected as its gelan counterpart). ``num_classes``: read from the
+  file when None, otherwise it must match. ``variables``: float32 ``{"params", "batch_stats"}``.
+  ``info``: see ``read_state_dict``, plus ``num_classes``.
+  """
+  state_dict, info = read_state_dict(path)
+  try:
+    if config is None:
+      config, _ = detect_architecture(state_dict)
+    variables = from_torch_state_dict(config, state_dict, num_classes)
+  except ValueError as error:
+    raise ValueError(f"{path}: {error}{_fitting_architecture_hint(state_dict, config)}") from None
+  info["num_classes"] = int(np.shape(state_dict[_class_layer_key(config)])[0])
+  return config, variables, info
+
+
+def _fitting_architecture_hint(state_dict, config):
+  if config is None:
+    return ""
+  try:
+    fitting, classes = detect_architecture(state_dict)
+  except ValueError:
+    return ""
+  return f" (the file fits {fitting} with {classes} classes)"
+
+
+def _write_int(write, value):
+  if 0 <= value < 256:
+    write(pickle.BININT1 + struct.pack("<B", value))
+  elif 0 <= value < 65536:
+    write(pickle.BININT2 + struct.pack("<H", value))
+  elif -2**31 <= value < 2**31:
+    write(pickle.BININT + struct.pack("<i", value))
+  else:
+    encoded = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+    write(pickle.LONG1 + struct.pack("<B", len(encoded)) + encoded)
+
+
+def _write_str(write, text):
+  encoded = text.encode("utf-8")
+  write(pickle.BINUNICODE + struct.pack("<I", len(encoded)) + encoded)
+
+
+def _write_global(write, module, name):
+  write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+
+
+def _write_int_tuple(write, values):
+  write(pickle.MARK)
+  for value in values:
+    _write_int(write, int(value))
+  write(pickle.TUPLE)
+
+
+def _state_dict_pickle(arrays):
+  """The protocol-2 pickle ``torch.save`` writes for an OrderedDict of contiguous tensors; tensor
+  i's storage is the persistent id ('storage', torch.<X>Storage, 'i', 'cpu', numel)."""
+  stream = io.BytesIO()
+  write = stream.write
+  write(pickle.PROTO + b"\x02")
+  _write_global(write, "collections", "OrderedDict")
+  write(pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.MARK)
+  for index, (key, array) in enumerate(arrays.items()):
+    _write_str(write, key)
+    _write_global(write, "torch._utils", "_rebuild_tensor_v2")
+    write(pickle.MARK + pickle.MARK)
+    _write_str(write, "storage")
+    _write_global(write, "torch", _STORAGE_OF_DTYPE[array.dtype])
+    _write_str(write, str(index))
+    _write_str(write, "cpu")
+    _write_int(write, array.size)
+    write(pickle.TUPLE + pickle.BINPERSID)
+    _write_int(write, 0)  # storage offset
+    _write_int_tuple(write, array.shape)
+    _write_int_tuple(write, [int(np.prod(array.shape[i + 1:])) for i in range(array.ndim)])
+    write(pickle.NEWFALSE)  # requires_grad
+    _write_global(write, "collections", "OrderedDict")  # backward hooks: none
+    write(pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.TUPLE + pickle.REDUCE)
+  write(pickle.SETITEMS + pickle.STOP)
+  return stream.getvalue()
+
+
+def _write_aligned_record(archive, name, data, alignment=64):
+  # PyTorch's writer pads each local header with an extra field (id "FB") so that every record's
+  # data starts at a multiple of 64 bytes, which torch.load(mmap=True) relies on.
+  record = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+  data_start = archive.fp.tell() + 30 + len(name.encode()) + 4
+  padding = -data_start % alignment
+  record.extra = b"FB" + struct.pack("<H", padding) + b"\0" * padding
+  archive.writestr(record, data, compress_type=zipfile.ZIP_STORED)
+
+
+def save_torch_state_dict(path, state_dict):
+  """Writes ``{key: array}`` as ``torch.save(OrderedDict)`` does, without PyTorch: the zip archive
+  ``<stem>/data.pkl``, ``<stem>/data/<i>`` (raw little-endian storages), ``version``,
+  ``byteorder`` and the other records of PyTorch's current format."""
+  path = pathlib.Path(path)
+  arrays = collections.OrderedDict()
+  for key, value in state_dict.items():
+    array = np.asarray(value, order="C")
+    if array.dtype not in _STORAGE_OF_DTYPE:
+      raise ValueError(f"state_dict key {key} has dtype {array.dtype}, which has no torch storage "
+                       f"(expected one of {sorted(str(d) for d in _STORAGE_OF_DTYPE)})")
+    arrays[key] = array.astype(array.dtype.newbyteorder("<"), copy=False)
+  data_pickle = _state_dict_pickle(arrays)
+  records = [("data.pkl", data_pickle), (".format_version", b"1"), (".storage_alignment", b"64"),
+             ("byteorder", b"little")]
+  records += [(f"data/{index}", array.tobytes()) for index, array in enumerate(arrays.values())]
+  # PyTorch draws a random id; a digest of the content keeps our files reproducible.
+  digest = hashlib.sha256(data_pickle + b"".join(data for _, data in records[4:])).digest()
+  records += [("version", b"3\n"), (".data/serialization_id",
+                                    str(int.from_bytes(digest[:16], "little")).zfill(40).encode())]
+  partial = path.with_name(path.name + ".partial")
+  with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as archive:
+    for name, data in records:
+      _write_aligned_record(archive, f"{path.stem or 'archive'}/{name}", data)
+  os.replace(partial, path)
+
+
+def _cast_floats(state_dict, dtype):
+  cast = {}
+  for key, array in state_dict.items():
+    array = np.asarray(array)
+    if np.issubdtype(array.dtype, np.floating):
+      with np.errstate(over="ignore"):  # overflow is reported below, naming the key
+        converted = array.astype(dtype)
+      if np.any(np.isfinite(array) & ~np.isfinite(converted)):
+        raise ValueError(f"state_dict key {key} has values beyond the range of {np.dtype(dtype)} "
+                         f"(largest magnitude {np.abs(array).max()})")
+      array = converted
+    cast[key] = array
+  return cast
+
+
+def export_official_weights(architecture, variables, output_prefix, dtype="float32"):
+  """Writes ``variables`` in the official layouts; returns the paths written.
+
+  ``<output_prefix>.pt`` and ``.safetensors``: the state_dict of ``architecture`` itself (for
+  yolov9-X with its auxiliary branch, what the official training code loads). For yolov9-X also
+  ``<output_prefix>-converted.pt`` and ``.safetensors``: the main branch in the gelan-X layout, as
+  the official reparameterisation writes it (FACTS.md §1.5). Floats are written as ``dtype``
+  (float32 or float16); ``num_batches_tracked`` stays int64.
+  """
+  # Imported here: evaluation modules import interop, so a module-level import could be circular.
+  from yolov9_jax.evaluation import inference
+  output_prefix = pathlib.Path(output_prefix)
+  try:
+    from_torch_state_dict(architecture, to_torch_state_dict(architecture, variables))
+  except ValueError as error:
+    raise ValueError(f"the variables are not those of {architecture}: {error}") from None
+  layouts = [(architecture, variables, output_prefix)]
+  converted, converted_variables = inference.prune_to_main_branch(architecture, variables)
+  if converted != architecture:
+    layouts.append((converted, converted_variables,
+                    output_prefix.with_name(output_prefix.name + "-converted")))
+  written = []
+  for layout, layout_variables, prefix in layouts:
+    state_dict = _cast_floats(to_torch_state_dict(layout, layout_variables), dtype)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict(prefix.with_name(prefix.name + ".pt"), state_dict)
+    safetensors.numpy.save_file(state_dict, prefix.with_name(prefix.name + ".safetensors"),
+                                metadata={"format": "pt", "architecture": layout})
+    written += [prefix.with_name(prefix.name + suffix) for suffix in (".pt", ".safetensors")]
+  return written
