@@ -149,6 +149,18 @@ def test_weights_load_back_from_msgpack_and_npz_and_mismatches_are_named(tmp_pat
     evaluator.load_variables(tmp_path / "missing.msgpack", "gelan-t")
 
 
+
+def test_official_pytorch_weights_load_through_interop(tmp_path, gelan_t_3_classes):
+  from yolov9_jax import interop
+  if not hasattr(interop, "save_torch_state_dict"):
+    pytest.skip("this version has no PyTorch checkpoint files (interop.save_torch_state_dict)")
+  path = tmp_path / "gelan-t.pt"
+  interop.save_torch_state_dict(path, interop.to_torch_state_dict("gelan-t", gelan_t_3_classes))
+  loaded = evaluator.load_variables(path, "gelan-t", num_classes=3)
+  jax.tree.map(np.testing.assert_array_equal, loaded, gelan_t_3_classes)
+  with pytest.raises(ValueError, match="yolov9-t"):
+    evaluator.load_variables(path, "yolov9-t")
+
 # The entry points, run in this process (they reuse the compiled detector).
 
 def _script(name):

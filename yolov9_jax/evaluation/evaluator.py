@@ -392,9 +392,9 @@ def load_variables(path, model_name, num_classes=None):
     if not hasattr(interop, "load_torch_checkpoint"):
       raise NotImplementedError(f"{path}: reading PyTorch checkpoints needs "
                                 "yolov9_jax.interop.load_torch_checkpoint, which this version lacks")
-    config_name, variables, _ = interop.load_torch_checkpoint(path)
-    if config_name != model_name:
-      raise ValueError(f"weights file {path} holds {config_name} weights, not {model_name}")
+    # It checks the file against model_name and names the architecture the file fits otherwise
+    # (a "-converted" yolov9 file is a gelan one).
+    _, variables, _ = interop.load_torch_checkpoint(path, config=model_name, num_classes=num_classes)
   elif suffix == ".npz":
     with np.load(path) as arrays:
       variables = flax.traverse_util.unflatten_dict({k: arrays[k] for k in arrays.files}, sep="/")
