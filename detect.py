@@ -74,6 +74,8 @@ def main(argv):
   missing = [f"--{name}" for name in ("model", "weights") if FLAGS[name].value is None]
   if missing or not inputs:
     raise ValueError(f"detect.py needs {', '.join(missing + ['images'] * (not inputs))}")
+  if FLAGS.image_size % 32:
+    raise ValueError(f"--image_size={FLAGS.image_size} is not a multiple of 32 (the largest stride)")
   paths = image_paths(inputs)
   variables = evaluator.load_variables(FLAGS.weights, FLAGS.model)
   mesh = evaluator.default_mesh()

@@ -49,7 +49,7 @@ class EvalResult:
   confusion_matrix: np.ndarray  # (K + 1, K + 1) counts [predicted, true]; index K is background
   images: int                 # images evaluated (padding excluded)
   images_per_second: float    # pipeline + network + NMS + results, after compilation
-  compile_seconds: float
+  compile_seconds: float      # the first call: compilation (or a cache hit) and one batch
   candidates_dropped: int     # NMS candidates cut by the cap, over all images
 
 
@@ -243,6 +243,8 @@ def evaluate(model_name, variables, source, category_ids, *, class_names=None, i
   Defaults are the official evaluation settings (conf 0.001, IoU 0.7, 300 detections).
   """
   mesh = default_mesh() if mesh is None else mesh
+  if image_size % 32:
+    raise ValueError(f"image_size={image_size} is not a multiple of 32 (the largest stride)")
   if batch_size % mesh.size:
     raise ValueError(f"batch_size={batch_size} is not divisible by the {mesh.size} devices of "
                      "the mesh")
@@ -325,6 +327,10 @@ def score(results, image_ids, ground_truth, category_ids, class_names):
   """The EvalResult fields computed from the results: metrics (pycocotools over ``image_ids``),
   per_class_ap, pr_recall, pr_precision and confusion_matrix."""
   coco = coco_metrics.load_ground_truth(ground_truth)
+  unknown = sorted(set(image_ids) - set(coco.getImgIds()))
+  if unknown:
+    raise ValueError(f"{len(unknown)} evaluated image ids are not in the ground truth's images "
+                     f"(e.g. {unknown[:5]}): the annotations do not belong to this split")
   evaluation, table = coco_metrics.coco_evaluation(coco, results, image_ids)
   stats = np.zeros(len(coco_metrics.STAT_NAMES)) if evaluation is None else evaluation.stats
   per_class_ap, precision_at_50 = _per_class(evaluation, category_ids, class_names)
