@@ -394,6 +394,21 @@ def test_a_tensor_reaching_beyond_its_storage_is_refused(tmp_path):
     interop.read_state_dict(tmp_path / "bad.pt")
 
 
+@pytest.mark.parametrize("state", [{"array": np.zeros((2, 2))}, (None, {"array": np.zeros((2, 2))})],
+                         ids=["dict state", "slot state"])
+def test_a_build_opcode_cannot_swap_the_array_under_a_storage(tmp_path, state):
+  """BUILD sets attributes on whatever object precedes it; aimed at a storage, it would let a file
+  rebuild a tensor over memory of its choosing."""
+  opcodes = lambda value: pickle.dumps(value, protocol=2)[2:-1]
+  stream = (pickle.PROTO + b"\x02" + b"ctorch._utils\n_rebuild_tensor_v2\n" + pickle.MARK +
+            pickle.MARK + opcodes("storage") + b"ctorch\nHalfStorage\n" + opcodes("0") + opcodes("cpu") +
+            opcodes(4) + pickle.TUPLE + pickle.BINPERSID + opcodes(state) + pickle.BUILD +
+            opcodes(0) + opcodes((4,)) + opcodes((1,)) + pickle.TUPLE + pickle.REDUCE + pickle.STOP)
+  _write_torch_zip(tmp_path / "swap.pt", stream, [np.zeros(4, np.float16)])
+  with pytest.raises(ValueError, match="not a readable checkpoint: AttributeError"):
+    interop.read_state_dict(tmp_path / "swap.pt")
+
+
 # -- checkpoints that do not fit ------------------------------------------------------------------
 
 def test_checkpoint_of_another_architecture_or_class_count_names_the_keys(tmp_path, yolov9_t_variables):

@@ -49,11 +49,8 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
   """The file references something other than tensors, plain containers and module classes."""
 
 
-class _StorageType:
-  """What ``torch.HalfStorage`` etc. resolve to: only a dtype, nothing callable."""
-
-  def __init__(self, name):
-    self.name, self.dtype = name, _STORAGE_DTYPES[name]
+# What ``torch.HalfStorage`` etc. resolve to: a name and a dtype, not callable, not mutable.
+_StorageType = collections.namedtuple("_StorageType", ["name", "dtype"])
 
 
 class ModuleStub:
@@ -71,10 +68,6 @@ class ModuleStub:
     return f"ModuleStub({self.official_class})"
 
 
-def _rebuild_parameter(data, *unused):
-  return data  # requires_grad and hooks mean nothing to an array
-
-
 def _torch_size(values=()):
   return tuple(int(v) for v in values)
 
@@ -83,20 +76,9 @@ def _refuse(message):
   raise UnsafeCheckpointError(message)
 
 
-def _latin1_bytes(text, encoding="latin1"):
-  # Protocol-2 pickles spell bytes objects (NumPy array payloads) as _codecs.encode(text, "latin1");
-  # any other codec would be a look-up by name of something we do not need.
-  if encoding not in ("latin1", "latin-1"):
-    _refuse(f"_codecs.encode with encoding {encoding!r}; only latin1 (bytes objects) is allowed")
-  return text.encode("latin1")
-
-
-class _Storage:
-  """A storage read from the archive: a flat array that only persistent ids produce, so a tensor
-  is never rebuilt over an array made some other way."""
-
-  def __init__(self, array):
-    self.array = array
+# A storage read from the archive: a flat array that only persistent ids produce, so a tensor is
+# never rebuilt over an array made some other way. Immutable, so that no BUILD opcode can swap it.
+_Storage = collections.namedtuple("_Storage", ["array"])
 
 
 class _ZipStorages:
@@ -130,13 +112,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
     self._stub_classes = {}
     self._allowed = {
         ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-        ("torch", "Size"): _torch_size,
+        ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): self._rebuild_parameter,
+        ("torch", "Size"): self._torch_size,
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("__builtin__", "set"): set, ("builtins", "set"): set,
-        ("_codecs", "encode"): _latin1_bytes,
-        **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+        ("_codecs", "encode"): self._latin1_bytes,
+        **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
         # NumPy arrays and scalars (per-epoch official checkpoints keep best_fitness as one): they
         # rebuild from a dtype and raw bytes, and their items come through this same unpickler.
         **{(module, name): value for module in ("numpy.core.multiarray", "numpy._core.multiarray")
@@ -164,6 +146,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
     if self._storages is None:
       _refuse(f"{self._source} references a storage but is not a torch zip archive")
     return self._storages.array(persistent_id[2], persistent_id[1])
+
+  # The callables above are bound methods, C functions and types, and the storage types tuples: a
+  # BUILD opcode aimed at one of them cannot set attributes (e.g. a function's __defaults__).
+  def _rebuild_parameter(self, data, *unused):
+    return data  # requires_grad and hooks mean nothing to an array
+
+  def _torch_size(self, values=()):
+    return _torch_size(values)
+
+  def _latin1_bytes(self, text, encoding="latin1"):
+    # Protocol-2 pickles spell bytes objects (NumPy array payloads) as _codecs.encode(text,
+    # "latin1"); any other codec would be a look-up by name of something we do not need.
+    if encoding not in ("latin1", "latin-1"):
+      _refuse(f"{self._source}: _codecs.encode with encoding {encoding!r}; only latin1 is allowed")
+    return text.encode("latin1")
 
   def _rebuild_tensor(self, storage, storage_offset, size, stride, *unused):
     if not isinstance(storage, _Storage):
