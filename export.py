@@ -7,9 +7,15 @@ model's ``load_state_dict(..., strict=True)`` takes, and the same tensors as ``.
 writes exported/yolov9-t.pt and .safetensors (yolov9-t with its auxiliary branch, to train on
 with the official code) and exported/yolov9-t-converted.pt and .safetensors (the main branch in
 the gelan-t layout, for the official detect/val/export scripts and TensorRT/ONNX tooling).
-PyTorch is not needed.
+PyTorch is not needed. Given a checkout of the official repository and a Python with PyTorch,
+--official_repo also writes <output>-official.pt and <output>-converted-official.pt, whole-model
+checkpoints that the official detect.py/val.py load directly:
+
+  python export.py --checkpoint=... --architecture=yolov9-t --output=exported/yolov9-t \
+      --official_repo=../yolov9 --official_python=../yolov9/.venv/bin/python --class_names=cat,dog
 """
 import pathlib
+import sys
 
 from absl import app, flags
 from flax import serialization
@@ -23,6 +29,14 @@ _ARCHITECTURE = flags.DEFINE_enum("architecture", None, list(models.ARCHITECTURE
                                   "the architecture the checkpoint was trained as", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "path prefix of the files written", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "dtype of the floats written")
+_OFFICIAL_REPO = flags.DEFINE_string(
+    "official_repo", None, "a checkout of the official repository (WongKinYiu/yolov9): also write "
+    "the official whole-model checkpoints, built by its code")
+_OFFICIAL_PYTHON = flags.DEFINE_string(
+    "official_python", sys.executable, "the Python (with PyTorch and the official requirements) "
+    "that runs the official code for --official_repo")
+_CLASS_NAMES = flags.DEFINE_list("class_names", None, "class names stored in the official "
+                                 "checkpoints of --official_repo (default: class0, class1, ...)")
 _EMA = flags.DEFINE_bool("ema", True, "export the EMA weights of a training state (as the official "
                          "code saves them) rather than its raw training weights")
 
@@ -42,8 +56,10 @@ def load_variables(path, ema=True):
 def main(argv):
   del argv
   variables = load_variables(_CHECKPOINT.value, ema=_EMA.value)
-  for path in interop.export_official_weights(_ARCHITECTURE.value, variables, _OUTPUT.value,
-                                              dtype=_DTYPE.value):
+  for path in interop.export_official_weights(
+      _ARCHITECTURE.value, variables, _OUTPUT.value, dtype=_DTYPE.value,
+      official_repository=_OFFICIAL_REPO.value, class_names=_CLASS_NAMES.value,
+      python=_OFFICIAL_PYTHON.value):
     print(path)
 
 

@@ -145,6 +145,28 @@ def test_written_archive_has_the_records_of_torch_save(tmp_path):
     np.testing.assert_array_equal(loaded[key].numpy(), value)
 
 
+@pytest.mark.skipif(not os.environ.get("OFFICIAL_YOLOV9_REPO"), reason=(
+    "needs OFFICIAL_YOLOV9_REPO, a checkout of the official repository, and OFFICIAL_YOLOV9_PYTHON, "
+    "a Python with PyTorch and its requirements"))
+def test_official_checkpoints_written_by_the_official_code_import_back_exactly(tmp_path, yolov9_t_variables):
+  variables = _float16_exact(yolov9_t_variables)
+  written = interop.export_official_weights(
+      "yolov9-t", variables, tmp_path / "yolov9-t", dtype="float16",
+      official_repository=os.environ["OFFICIAL_YOLOV9_REPO"], class_names=["cat", "dog", "bird"],
+      python=os.environ.get("OFFICIAL_YOLOV9_PYTHON", sys.executable))
+  assert [p.name for p in written] == [
+      "yolov9-t.pt", "yolov9-t.safetensors", "yolov9-t-official.pt", "yolov9-t-converted.pt",
+      "yolov9-t-converted.safetensors", "yolov9-t-converted-official.pt"]
+  main_branch = inference.prune_to_main_branch("yolov9-t", variables)[1]
+  for path, architecture, expected in ((written[2], "yolov9-t", variables),
+                                       (written[5], "gelan-t", main_branch)):
+    config_name, loaded, info = interop.load_torch_checkpoint(path)
+    assert config_name == architecture
+    assert info["kind"] == "official checkpoint" and info["entry"] == "model" and info["epoch"] == -1
+    assert info["class_names"] == ["cat", "dog", "bird"] and info["dtype"] == "float16"
+    assert_same_variables(loaded, expected)
+
+
 # -- official pickled checkpoints, written here as the official training code writes them --------
 
 _STAND_INS = types.ModuleType("official_stand_ins")

@@ -18,10 +18,13 @@ import collections
 import functools
 import hashlib
 import io
+import json
 import os
 import pathlib
 import pickle
 import struct
+import subprocess
+import sys
 import zipfile
 
 import ml_dtypes
@@ -94,7 +97,8 @@ class _ZipStorages:
       try:
         raw = self._archive.read(record)
       except KeyError:
-        raise ValueError(f"the checkpoint references storage {key}, but has no record {record}") from None
+        raise ValueError(f"the checkpoint references storage {key}, but has no record "
+                         f"{record}") from None
       dtype = storage_type.dtype.newbyteorder("<" if self._byteorder == "little" else ">")
       if len(raw) % dtype.itemsize:
         raise ValueError(f"storage record {record} has {len(raw)} bytes, not a multiple of "
@@ -139,8 +143,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             "module class: refused, nothing from the file was run")
 
   def persistent_load(self, persistent_id):
-    if not (isinstance(persistent_id, tuple) and len(persistent_id) >= 3 and persistent_id[0] == "storage"
-            and isinstance(persistent_id[1], _StorageType) and isinstance(persistent_id[2], str)):
+    if not (isinstance(persistent_id, tuple) and len(persistent_id) >= 3
+            and persistent_id[0] == "storage" and isinstance(persistent_id[1], _StorageType)
+            and isinstance(persistent_id[2], str)):
       _refuse(f"{self._source} has a persistent id {persistent_id!r} that is not a torch storage "
               "('storage', <torch.*Storage>, key, location, numel)")
     if self._storages is None:
@@ -187,13 +192,15 @@ def _unpickle(data, storages, source):
   except (UnsafeCheckpointError, ValueError):
     raise
   except Exception as error:  # a malformed stream: say which file, whatever the pickle step was
-    raise ValueError(f"{source} is not a readable checkpoint: {type(error).__name__}: {error}") from error
+    raise ValueError(f"{source} is not a readable checkpoint: "
+                     f"{type(error).__name__}: {error}") from error
 
 
 def _read_torch_zip(path):
   """The object pickled in a torch zip archive, storages as NumPy arrays."""
   with zipfile.ZipFile(path) as archive:
-    pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
+    pickles = [name for name in archive.namelist()
+               if name.endswith("/data.pkl") and name.count("/") == 1]
     if len(pickles) != 1:
       raise ValueError(f"{path} is a zip file but not a PyTorch checkpoint: expected one "
                        f"<prefix>/data.pkl record, found {pickles or 'none'}")
@@ -210,7 +217,8 @@ def _module_state_dict(module, prefix, state_dict):
   attributes = module.pickled_state
   if not isinstance(attributes, dict):
     raise ValueError(f"module {prefix or '<root>'} ({module.official_class}) has pickled state of "
-                     f"type {type(attributes).__name__}, expected the attribute dict of a torch.nn.Module")
+                     f"type {type(attributes).__name__}, expected the attribute dict of a "
+                     "torch.nn.Module")
   non_persistent = attributes.get("_non_persistent_buffers_set") or set()
   named = [*attributes.get("_parameters", {}).items(),
            *((n, b) for n, b in attributes.get("_buffers", {}).items() if n not in non_persistent)]
@@ -301,8 +309,8 @@ def _class_layer_key(architecture):
 
 @functools.lru_cache(maxsize=None)
 def _learned_shapes(architecture, num_classes):
-  return {key: tuple(shape) for key, shape in expected_state_dict_shapes(architecture, num_classes).items()
-          if not key.endswith(_NUM_BATCHES_TRACKED)}
+  shapes = expected_state_dict_shapes(architecture, num_classes)
+  return {key: tuple(shape) for key, shape in shapes.items() if not key.endswith(_NUM_BATCHES_TRACKED)}
 
 
 def detect_architecture(state_dict):
@@ -474,22 +482,76 @@ def _cast_floats(state_dict, dtype):
   return cast
 
 
-def export_official_weights(architecture, variables, output_prefix, dtype="float32"):
+# Run by write_official_checkpoint in a separate interpreter that has PyTorch and the official
+# code: builds the official model from its YAML, loads our state_dict strictly and saves it as the
+# official training code's final checkpoint (strip_optimizer's format, FACTS.md §10.1).
+_OFFICIAL_CHECKPOINT_SCRIPT = """
+import datetime, json, sys
+repository, model_yaml, state_dict_path, class_names, half, output_path = sys.argv[1:]
+sys.path.insert(0, repository)
+import torch
+from models.yolo import DetectionModel
+class_names = json.loads(class_names)
+model = DetectionModel(model_yaml, ch=3, nc=len(class_names))
+model.load_state_dict(torch.load(state_dict_path, weights_only=True), strict=True)
+model.names = class_names
+model = model.half() if half == "half" else model
+for parameter in model.parameters():
+  parameter.requires_grad = False
+torch.save({"model": model, "ema": None, "updates": None, "optimizer": None, "best_fitness": None,
+            "epoch": -1, "opt": None, "git": None, "date": datetime.datetime.now().isoformat()},
+           output_path)
+"""
+
+
+def write_official_checkpoint(state_dict_path, architecture, output_path, official_repository,
+                              class_names=None, python=sys.executable):
+  """Turns a state_dict file into the official whole-model checkpoint that the official
+  ``detect.py``/``val.py`` load, by running the official code: ``official_repository`` is a
+  checkout of WongKinYiu/yolov9, ``python`` an interpreter with PyTorch and its requirements.
+  ``class_names`` default to class0, class1, ...; the floats keep the state_dict's precision."""
+  model_yaml = pathlib.Path(official_repository) / "models" / "detect" / f"{architecture}.yaml"
+  if not model_yaml.is_file():
+    raise ValueError(f"{official_repository} is not a checkout of the official repository: it has "
+                     f"no {model_yaml.relative_to(official_repository)}")
+  state_dict, _ = read_state_dict(state_dict_path)
+  num_classes = int(np.shape(state_dict[_class_layer_key(architecture)])[0])
+  class_names = list(class_names) if class_names else [f"class{i}" for i in range(num_classes)]
+  if len(class_names) != num_classes:
+    raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
+  half = "half" if state_dict[_class_layer_key(architecture)].dtype == np.float16 else "float"
+  result = subprocess.run(
+      [python, "-c", _OFFICIAL_CHECKPOINT_SCRIPT, str(official_repository), str(model_yaml),
+       str(state_dict_path), json.dumps(class_names), half, str(output_path)],
+      capture_output=True, text=True, check=False)
+  if result.returncode:
+    raise RuntimeError(f"the official code (run by {python}) could not write {output_path}:\n"
+                       f"{result.stderr[-3000:]}")
+
+
+def export_official_weights(architecture, variables, output_prefix, dtype="float32",
+                            official_repository=None, class_names=None, python=sys.executable):
   """Writes ``variables`` in the official layouts; returns the paths written.
 
   ``<output_prefix>.pt`` and ``.safetensors``: the state_dict of ``architecture`` itself (for
   yolov9-X with its auxiliary branch, what the official training code loads). For yolov9-X also
   ``<output_prefix>-converted.pt`` and ``.safetensors``: the main branch in the gelan-X layout, as
   the official reparameterisation writes it (FACTS.md §1.5). Floats are written as ``dtype``
-  (float32 or float16); ``num_batches_tracked`` stays int64.
+  (float32 or float16); ``num_batches_tracked`` stays int64. With ``official_repository``, each
+  layout also gets ``<prefix>-official.pt``, the whole-model checkpoint of the official scripts
+  (see ``write_official_checkpoint``, which runs ``python`` with PyTorch).
   """
   # Imported here: evaluation modules import interop, so a module-level import could be circular.
   from yolov9_jax.evaluation import inference
   output_prefix = pathlib.Path(output_prefix)
+  state_dict = to_torch_state_dict(architecture, variables)
   try:
-    from_torch_state_dict(architecture, to_torch_state_dict(architecture, variables))
+    from_torch_state_dict(architecture, state_dict)
   except ValueError as error:
     raise ValueError(f"the variables are not those of {architecture}: {error}") from None
+  num_classes = np.shape(state_dict[_class_layer_key(architecture)])[0]
+  if class_names and len(class_names) != num_classes:
+    raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
   layouts = [(architecture, variables, output_prefix)]
   converted, converted_variables = inference.prune_to_main_branch(architecture, variables)
   if converted != architecture:
@@ -498,9 +560,16 @@ def export_official_weights(architecture, variables, output_prefix, dtype="float
   written = []
   for layout, layout_variables, prefix in layouts:
     state_dict = _cast_floats(to_torch_state_dict(layout, layout_variables), dtype)
+    pt_path, safetensors_path = (prefix.with_name(prefix.name + suffix)
+                                 for suffix in (".pt", ".safetensors"))
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    save_torch_state_dict(prefix.with_name(prefix.name + ".pt"), state_dict)
-    safetensors.numpy.save_file(state_dict, prefix.with_name(prefix.name + ".safetensors"),
+    save_torch_state_dict(pt_path, state_dict)
+    safetensors.numpy.save_file(state_dict, safetensors_path,
                                 metadata={"format": "pt", "architecture": layout})
-    written += [prefix.with_name(prefix.name + suffix) for suffix in (".pt", ".safetensors")]
+    written += [pt_path, safetensors_path]
+    if official_repository is not None:
+      official_path = prefix.with_name(prefix.name + "-official.pt")
+      write_official_checkpoint(pt_path, layout, official_path, official_repository, class_names,
+                                python)
+      written.append(official_path)
   return written
