@@ -288,17 +288,20 @@ def _official_model(architecture, state_dict, class_names):
   rows = models.ARCHITECTURES[architecture]
   layers = {}
   for index, (source, layer_type, _) in enumerate(rows):
-    node = tree["model"].get(str(index), {})
-    layer = build(str(index), node, "") if node else None
+    is_head = index == len(rows) - 1
     official_class = {"Upsample": "torch.nn.modules.upsampling.Upsample"}.get(
-        layer_type, f"models.{'yolo' if index == len(rows) - 1 else 'common'}.{layer_type}")
-    layers[str(index)] = _module(official_class, modules=layer._modules if layer else {},
-                                 i=index, f=source, type=official_class,
-                                 anchors=_Tensor(_Storage(np.zeros(0, np.float16)), 0, (0,), (1,)))
+        layer_type, f"models.{'yolo' if is_head else 'common'}.{layer_type}")
+    modules = {k: build(k, v, official_class) for k, v in tree["model"].get(str(index), {}).items()}
+    if layer_type == "Conv":
+      modules["act"] = _module("torch.nn.modules.activation.SiLU", inplace=True)
+    # The head keeps its anchors as a plain tensor attribute (empty until the first forward).
+    extra = {"anchors": _Tensor(_Storage(np.zeros(0, np.float16)), 0, (0,), (1,))} if is_head else {}
+    layers[str(index)] = _module(official_class, modules=modules, i=index, f=source,
+                                 type=official_class, **extra)
   first_conv = layers["0"]._modules["conv"]._parameters["weight"]
   storage, _, shape, _ = first_conv.rebuild[:4]
   channels_last = storage.array.reshape(shape).transpose(0, 2, 3, 1).copy()
-  out, cin, kh, kw = shape
+  _, cin, kh, kw = shape
   first_conv.rebuild = (_Storage(channels_last.ravel()), 0, shape, (kh * kw * cin, 1, kw * cin, cin),
                         *first_conv.rebuild[4:])
   sequential = _module("torch.nn.modules.container.Sequential", modules=layers)
