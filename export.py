@@ -1,7 +1,7 @@
 """Export our weights as official PyTorch weights: state_dict ``.pt`` files that the official
 model's ``load_state_dict(..., strict=True)`` takes, and the same tensors as ``.safetensors``.
 
-  python export.py --checkpoint=runs/demo/checkpoint.msgpack --architecture=yolov9-t \
+  python export.py --checkpoint=runs/demo/checkpoints/1000 --architecture=yolov9-t \
       --output=exported/yolov9-t --dtype=float16
 
 writes exported/yolov9-t.pt and .safetensors (yolov9-t with its auxiliary branch, to train on
@@ -17,14 +17,16 @@ checkpoints that the official detect.py/val.py load directly:
 import pathlib
 import sys
 
+import orbax.checkpoint as ocp
 from absl import app, flags
 from flax import serialization
 
 from yolov9_jax import interop, models
 
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "our checkpoint: a flax.serialization msgpack of the model variables "
-    "({'params', 'batch_stats'}) or of a training state (training.state.TrainState)", required=True)
+    "checkpoint", None, "our checkpoint: an orbax checkpoint of the training state (a step "
+    "directory of the run's checkpoints, or its 'state' item), or a flax.serialization msgpack of "
+    "the model variables ({'params', 'batch_stats'}) or of a training state", required=True)
 _ARCHITECTURE = flags.DEFINE_enum("architecture", None, list(models.ARCHITECTURES),
                                   "the architecture the checkpoint was trained as", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "path prefix of the files written", required=True)
@@ -42,9 +44,14 @@ _EMA = flags.DEFINE_bool("ema", True, "export the EMA weights of a training stat
 
 
 def load_variables(path, ema=True):
-  """Model variables ``{"params", "batch_stats"}`` from one of our checkpoints: a msgpack of the
-  variables themselves or of a training state (its EMA weights when ``ema``)."""
-  restored = serialization.msgpack_restore(pathlib.Path(path).read_bytes())
+  """Model variables ``{"params", "batch_stats"}`` from one of our checkpoints (see --checkpoint):
+  of a training state, its EMA weights when ``ema``."""
+  path = pathlib.Path(path)
+  if path.is_dir():  # restored as saved, without a target: nothing here needs the config
+    item = path / "state" if (path / "state").is_dir() else path
+    restored = ocp.StandardCheckpointer().restore(item.absolute())
+  else:
+    restored = serialization.msgpack_restore(path.read_bytes())
   prefix = "ema_" if ema and "ema_params" in restored else ""
   if f"{prefix}params" not in restored:
     raise ValueError(f"{path} holds {sorted(restored)[:10]}: expected model variables "

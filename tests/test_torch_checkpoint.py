@@ -13,6 +13,7 @@ import zipfile
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import testweights
 from conftest import REPO_ROOT
@@ -461,15 +462,25 @@ def test_state_dict_of_no_architecture_names_the_nearest_and_its_differing_keys(
 
 # -- the command --------------------------------------------------------------------------------
 
-def test_export_command_writes_the_ema_weights_in_both_layouts(tmp_path, yolov9_t_variables):
+@pytest.mark.parametrize("checkpoint_format", ["orbax", "msgpack"])
+def test_export_command_writes_the_ema_weights_in_both_layouts(
+    tmp_path, yolov9_t_variables, checkpoint_format):
   ema = _float16_exact(yolov9_t_variables)
   raw = jax.tree.map(np.negative, ema)
   state = {"iteration": np.int32(10), "params": raw["params"], "batch_stats": raw["batch_stats"],
            "ema_params": ema["params"], "ema_batch_stats": ema["batch_stats"]}
-  (tmp_path / "state.msgpack").write_bytes(serialization.msgpack_serialize(state))
+  if checkpoint_format == "orbax":  # as the training loop saves it: a step with a "state" item
+    checkpoint = tmp_path / "checkpoints" / "10"
+    manager = ocp.CheckpointManager(checkpoint.parent)
+    manager.save(10, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             meta=ocp.args.JsonSave({"note": "test"})))
+    manager.wait_until_finished()
+  else:
+    checkpoint = tmp_path / "state.msgpack"
+    checkpoint.write_bytes(serialization.msgpack_serialize(state))
   result = subprocess.run(
-      [sys.executable, "export.py", f"--checkpoint={tmp_path / 'state.msgpack'}",
-       "--architecture=yolov9-t", f"--output={tmp_path / 'out' / 'yolov9-t'}", "--dtype=float16"],
+      [sys.executable, "export.py", f"--checkpoint={checkpoint}", "--architecture=yolov9-t",
+       f"--output={tmp_path / 'out' / 'yolov9-t'}", "--dtype=float16"],
       cwd=REPO_ROOT, capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert [line.rsplit("/", 1)[-1] for line in result.stdout.split()] == [
