@@ -212,6 +212,14 @@ def _read_torch_zip(path):
     return _unpickle(archive.read(pickles[0]), storages, path)
 
 
+def _attribute_dict(attributes, name, prefix):
+  value = attributes.get(name, {})
+  if not isinstance(value, dict):
+    raise ValueError(f"module {prefix or '<root>'} has {name} of type {type(value).__name__}, "
+                     "expected a dict")
+  return value
+
+
 def _module_state_dict(module, prefix, state_dict):
   """What ``module.state_dict()`` returns, from a stub's pickled attributes, into ``state_dict``."""
   attributes = module.pickled_state
@@ -219,15 +227,16 @@ def _module_state_dict(module, prefix, state_dict):
     raise ValueError(f"module {prefix or '<root>'} ({module.official_class}) has pickled state of "
                      f"type {type(attributes).__name__}, expected the attribute dict of a "
                      "torch.nn.Module")
+  parameters, buffers, modules = (_attribute_dict(attributes, name, prefix)
+                                  for name in ("_parameters", "_buffers", "_modules"))
   non_persistent = attributes.get("_non_persistent_buffers_set") or set()
-  named = [*attributes.get("_parameters", {}).items(),
-           *((n, b) for n, b in attributes.get("_buffers", {}).items() if n not in non_persistent)]
+  named = [*parameters.items(), *((n, b) for n, b in buffers.items() if n not in non_persistent)]
   for name, array in named:
     if array is not None:
       if not isinstance(array, np.ndarray):
         raise ValueError(f"{prefix}{name} holds a {type(array).__name__}, expected a tensor")
       state_dict[prefix + name] = array
-  for name, child in attributes.get("_modules", {}).items():
+  for name, child in modules.items():
     if child is not None:
       if not isinstance(child, ModuleStub):
         raise ValueError(f"submodule {prefix}{name} is a {type(child).__name__}, expected a module")
