@@ -100,26 +100,42 @@ def _examples(coco, images_dir, label_of_id, report):
     yield str(info["id"]), {"image": image, "image_id": info["id"], "objects": objects}
 
 
+def _load_json(annotations):
+  return annotations if isinstance(annotations, dict) else json.loads(pathlib.Path(annotations).read_text())
+
+
 def prepare(annotations, images_dir, data_dir, name, split="train", version="1.0.0"):
   """Writes the TFDS dataset ``name`` (split ``split``) under ``data_dir``; returns
   (builder, PrepareReport). ``annotations``: a COCO instances JSON path, or its dict.
   Read it back with ``tfds.builder(name, data_dir=data_dir).as_data_source(split)``."""
-  coco = annotations if isinstance(annotations, dict) else json.loads(
-      pathlib.Path(annotations).read_text())
-  categories = sorted(coco["categories"], key=lambda c: c["id"])
+  builder, reports = prepare_splits({split: (annotations, images_dir)}, data_dir, name, version)
+  return builder, reports[split]
+
+
+def prepare_splits(splits, data_dir, name, version="1.0.0"):
+  """``prepare`` for several splits at once: ``splits`` = {split: (annotations, images_dir)},
+  all with the same categories. Returns (builder, {split: PrepareReport})."""
+  cocos = {split: _load_json(annotations) for split, (annotations, _) in splits.items()}
+  first_split, first = next(iter(cocos.items()))
+  categories = sorted(first["categories"], key=lambda c: c["id"])
+  for split, coco in cocos.items():
+    if sorted(coco["categories"], key=lambda c: c["id"]) != categories:
+      raise ValueError(f"{name}: split {split!r} has other categories than split {first_split!r}")
   label_of_id = {c["id"]: label for label, c in enumerate(categories)}
-  unknown = sorted({a["category_id"] for a in coco.get("annotations", [])} - set(label_of_id))
-  if unknown:
-    raise ValueError(f"{name}: annotations use category ids {unknown} that the dataset's "
-                     f"'categories' list does not define (known: {sorted(label_of_id)})")
-  report = PrepareReport()
+  for split, coco in cocos.items():
+    unknown = sorted({a["category_id"] for a in coco.get("annotations", [])} - set(label_of_id))
+    if unknown:
+      raise ValueError(f"{name} ({split}): annotations use category ids {unknown} that the "
+                       f"dataset's 'categories' list does not define (known: {sorted(label_of_id)})")
+  reports = {split: PrepareReport() for split in splits}
   builder = tfds.dataset_builders.store_as_tfds_dataset(
       name=name, version=version, features=_features([c["name"] for c in categories]),
-      split_datasets={split: _examples(coco, images_dir, label_of_id, report)},
+      split_datasets={split: _examples(cocos[split], images_dir, label_of_id, reports[split])
+                      for split, (_, images_dir) in splits.items()},
       data_dir=str(data_dir), file_format="array_record", disable_shuffling=True)
   (pathlib.Path(builder.data_dir) / CATEGORIES_FILE).write_text(json.dumps(
       [{"label": label, "id": c["id"], "name": c["name"]} for label, c in enumerate(categories)]))
-  return builder, report
+  return builder, reports
 
 
 def category_ids(builder):

@@ -1,0 +1,49 @@
+"""The fields every training config has, with the official recipe's values. Experiment files
+(``shapes_demo.py``, ``coco.py``) start from ``base()`` and change what they need."""
+import ml_collections
+
+from yolov9_jax import losses
+from yolov9_jax.data import pipeline
+from yolov9_jax.training import optimizer
+
+
+def base() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.distributed = False  # True on TPU pods / multi-node GPU: jax.distributed.initialize()
+  config.model = ml_collections.ConfigDict(dict(
+      name="yolov9-c",
+      dtype="float32",      # compute dtype: bfloat16 on accelerators; params and BN stay float32
+      init_from="",         # a checkpoint to fine-tune from (ours: a workdir or checkpoint dir;
+                            # official: .pt / .safetensors); the class head is re-initialised
+  ))
+  config.data = ml_collections.ConfigDict(dict(
+      source="tfds",        # "tfds": a prepared TFDS dataset; "shapes": the built-in demo set
+      name="coco/2017",     # TFDS name (prepared as array_record), e.g. by coco_format.prepare
+      data_dir="",          # TFDS data dir ("" = TFDS default)
+      train_split="train",
+      eval_split="validation",
+      eval_annotations="",  # instances JSON for evaluation (COCO: segment areas); "" = from the split
+      class_names=(),       # () = from the dataset's metadata
+      # source="shapes": the synthetic set's size; generated once under data_dir (default .cache/)
+      shapes=ml_collections.ConfigDict(dict(num_train=512, num_val=128, image_hw=(160, 160), seed=0)),
+  ))
+  config.augment = pipeline.default_config()
+  config.optimizer = optimizer.default_config()
+  config.loss = losses.default_config()
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=64,        # global, over all devices of all hosts; accumulated up to 64
+      epochs=500,
+      steps_per_epoch=0,    # 0 = dataset size // batch size
+      log_every_steps=50,
+      checkpoint_every_steps=1000,
+      keep_checkpoints=3,
+      max_consecutive_nonfinite=20,  # then stop: the data or the settings are broken
+  ))
+  config.eval = ml_collections.ConfigDict(dict(
+      every_epochs=10,      # and after the last epoch
+      batch_size=64,
+      conf_threshold=0.001, iou_threshold=0.7, max_det=300,  # the official val.py protocol
+      num_images_logged=8,  # validation images with predicted boxes in TensorBoard
+  ))
+  return config

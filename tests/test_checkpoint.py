@@ -1,0 +1,85 @@
+"""Checkpoints: what is saved comes back exactly, a save killed half-way leaves the previous one
+restorable, SIGTERM is noted for the training loop."""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from yolov9_jax.training import checkpoint
+from yolov9_jax.training import optimizer as optim
+from yolov9_jax.training import state as train_state
+
+
+def _tiny_state(seed=0):
+  rng = np.random.default_rng(seed)
+  variables = {"params": {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32),
+                                   "bias": jnp.zeros(4)}},
+               "batch_stats": {"bn": {"mean": jnp.asarray(rng.normal(size=4), jnp.float32)}}}
+  tx = optim.make_optimizer(optim.default_config(), 16)
+  state = train_state.create(variables, train_state.Layout.of(variables), tx, accumulate=True)
+  return state.replace(iteration=jnp.asarray(7, jnp.int32))
+
+
+def test_a_checkpoint_restores_the_whole_state_and_meta(tmp_path):
+  state = _tiny_state()
+  checkpoints = checkpoint.Checkpoints(tmp_path, keep=2)
+  for iteration in (7, 8, 9):
+    checkpoints.save(state.replace(iteration=jnp.asarray(iteration, jnp.int32)), {"note": iteration})
+  checkpoints.wait()
+  assert checkpoints.last.all_steps() == [8, 9]  # keep the last 2
+  restored, meta = checkpoints.restore(checkpoint.abstract(state))
+  assert meta == {"note": 9} and int(restored.iteration) == 9
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state.replace(iteration=jnp.asarray(9)))):
+    np.testing.assert_array_equal(got, want)
+  assert restored.layout is state.layout  # the static part comes from the target
+  checkpoints.save_best(state, {}, score=0.3)
+  checkpoints.save_best(state.replace(iteration=jnp.asarray(11, jnp.int32)), {}, score=0.1)
+  checkpoints.wait()
+  best, _ = checkpoints.restore(checkpoint.abstract(state), best=True)
+  assert int(best.iteration) == 7  # the higher score, not the later step
+  checkpoints.close()
+
+
+_KILLED_DURING_SAVE = """
+import os, signal, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import jax.numpy as jnp
+from test_checkpoint import _tiny_state
+from yolov9_jax.training import checkpoint
+checkpoints = checkpoint.Checkpoints({workdir!r})
+state = _tiny_state()
+checkpoints.save(state, {{"n": 1}}, wait=True)
+big = state.replace(iteration=jnp.asarray(8, jnp.int32), params=jnp.ones(50_000_000))
+checkpoints.save(big, {{"n": 2}})  # asynchronous: still writing when the process dies
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint(tmp_path):
+  tests = pathlib.Path(__file__).parent
+  script = _KILLED_DURING_SAVE.format(repo=str(tests.parent), tests=str(tests), workdir=str(tmp_path))
+  done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], timeout=300,
+                        capture_output=True, text=True)
+  assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+  checkpoints = checkpoint.Checkpoints(tmp_path)
+  assert checkpoints.latest_step() == 7  # the half-written step 8 is not taken for a checkpoint
+  restored, meta = checkpoints.restore(checkpoint.abstract(_tiny_state()))
+  assert meta == {"n": 1}
+  np.testing.assert_array_equal(restored.params, _tiny_state().params)
+  checkpoints.close()
+
+
+def test_sigterm_is_noted_not_fatal():
+  preemption = checkpoint.Preemption()
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert preemption.requested
+  finally:
+    preemption.restore_handler()
+  assert signal.getsignal(signal.SIGTERM) is not preemption._handle

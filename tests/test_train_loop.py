@@ -1,0 +1,161 @@
+"""train.py end to end on a tiny shapes run: it learns the official way, resumes exactly after a
+SIGTERM, stops on repeated non-finite steps, rejects bad config values, fine-tunes."""
+import os
+import pathlib
+import signal
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+import train  # noqa: E402
+from configs import coco, shapes_demo  # noqa: E402
+from yolov9_jax.data import sources  # noqa: E402
+from yolov9_jax.training import checkpoint, config_checks  # noqa: E402
+from yolov9_jax.training import state as train_state  # noqa: E402
+
+
+def _tiny_config(data_dir):
+  """gelan-t on 32 shapes images at 64 px, batch 8 (one per simulated device), 3 epochs of 4."""
+  config = shapes_demo.get_config()
+  config.data.data_dir = str(data_dir)
+  config.data.shapes.update(num_train=32, num_val=8, image_hw=(64, 64))
+  config.augment.update(image_size=64, max_boxes=16, close_mosaic_epochs=1, mosaic_partner_window=16)
+  config.train.update(batch_size=8, epochs=3, log_every_steps=2, checkpoint_every_steps=4)
+  config.optimizer.update(nominal_batch_size=8)
+  config.eval.update(batch_size=8, num_images_logged=2)
+  return config
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """12 steps without interruption: (config, final state, evaluation, workdir)."""
+  root = tmp_path_factory.mktemp("train")
+  config = _tiny_config(root / "data")
+  state, result = train.train(config, root / "straight")
+  return config, jax.device_get(state), result, root / "straight"
+
+
+def test_a_run_writes_checkpoints_logs_and_the_batch_grid(straight_run):
+  config, state, result, workdir = straight_run
+  assert int(state.iteration) == 12 and int(state.ema_updates) == 12  # accumulate 1: every step
+  assert (workdir / "train_batch0.png").exists() and (workdir / "config.json").exists()
+  assert any((workdir / "tensorboard").iterdir())
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  assert any('"train/box"' in line for line in lines) and any('"eval/AP50"' in line for line in lines)
+  assert set(result.metrics) >= {"AP", "AP50", "table"}
+  assert checkpoint.Checkpoints(workdir).latest_step() == 12
+  assert np.isfinite(state.params).all() and not np.array_equal(state.params, state.ema_params)
+
+
+class _SigtermAfter:
+  """A training source that sends this process SIGTERM once ``reads`` examples were read, as a
+  preempted VM's shutdown would, at a step the run does not know in advance."""
+
+  def __init__(self, source, reads):
+    self.source, self.left = source, reads
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    self.left -= 1
+    if self.left == 0:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return self.source[index]
+
+
+def test_sigterm_saves_and_the_resumed_run_ends_bit_identical(straight_run, tmp_path, monkeypatch):
+  config, straight_state, _, workdir = straight_run
+  open_datasets = sources.open_datasets
+
+  def preempted_datasets(data_config):
+    datasets = open_datasets(data_config)
+    datasets.train = _SigtermAfter(datasets.train, reads=60)  # mid-run: a step has ~32 reads
+    return datasets
+
+  monkeypatch.setattr(sources, "open_datasets", preempted_datasets)
+  state, result = train.train(config, tmp_path)
+  assert result is None  # preempted: saved and returned normally (exit status 0)
+  stopped_at = int(state.iteration)
+  assert 0 < stopped_at < 12 and checkpoint.Checkpoints(tmp_path).latest_step() == stopped_at
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+  monkeypatch.setattr(sources, "open_datasets", open_datasets)
+  resumed, _ = train.train(config, tmp_path)
+  resumed = jax.device_get(resumed)
+  assert int(resumed.iteration) == 12
+  for name in ("params", "batch_stats", "ema_params", "ema_batch_stats"):
+    np.testing.assert_array_equal(getattr(resumed, name), getattr(straight_state, name), err_msg=name)
+
+
+def test_repeated_nonfinite_steps_stop_the_run_with_the_checkpoint_intact(straight_run, tmp_path,
+                                                                           monkeypatch):
+  config, _, _, _ = straight_run
+  config = config.copy_and_resolve_references()
+  config.train.max_consecutive_nonfinite = 2
+  jit_train_step = train.sharding.jit_train_step
+
+  def diverging_after_step_4(step_fn, state, mesh):
+    compiled = jit_train_step(step_fn, state, mesh)
+
+    def step(state, batch):  # the device reports non-finite steps from iteration 5 on
+      iteration = int(state.iteration)
+      state, metrics = compiled(state, batch)
+      if iteration >= 5:
+        metrics = {**metrics, "consecutive_nonfinite": jnp.asarray(iteration - 4)}
+      return state, metrics
+
+    step._cache_size = compiled._cache_size
+    return step
+
+  monkeypatch.setattr(train.sharding, "jit_train_step", diverging_after_step_4)
+  with pytest.raises(SystemExit, match="2 consecutive steps had a non-finite loss"):
+    train.train(config, tmp_path)
+  checkpoints = checkpoint.Checkpoints(tmp_path)
+  assert checkpoints.latest_step() == 4
+  checkpoints.close()
+
+
+def test_bad_config_values_are_named():
+  config = coco.get_config("gelan-t")
+  config.train.batch_size = 12
+  with pytest.raises(ValueError, match=r"train.batch_size=12 .* not divisible by the 8 devices"):
+    config_checks.validate(config, num_devices=8)
+  config = coco.get_config("gelan-t")
+  config.augment.image_size = 630
+  with pytest.raises(ValueError, match="augment.image_size=630"):
+    config_checks.validate(config, num_devices=1)
+  config = coco.get_config("gelan-t")
+  config.model.name = "yolov9-x"
+  with pytest.raises(ValueError, match="model.name='yolov9-x'"):
+    config_checks.validate(config, num_devices=1)
+  with pytest.raises(ValueError, match="unknown model 'yolo'"):
+    coco.get_config("yolo")
+  with pytest.raises(AttributeError, match="batch_sise"):  # a misspelt field: ml_collections
+    config.train.batch_sise = 4
+
+
+def test_fine_tuning_keeps_everything_but_the_class_head(gelan_t_20_classes):
+  model, pretrained = gelan_t_20_classes
+  from yolov9_jax import models
+  three_classes = models.build("gelan-t", num_classes=3)
+  fresh = jax.eval_shape(lambda: three_classes.init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)), train=False))
+  fresh = jax.tree.map(lambda s: jnp.full(s.shape, 7.0, s.dtype), fresh)
+  variables, reinitialised = train_state.transfer(pretrained, fresh)
+  assert reinitialised and all("cv3_" in path for path in reinitialised)
+  flat = jax.tree_util.tree_leaves_with_path(variables)
+  for path, leaf in flat:
+    key = jax.tree_util.keystr(path)
+    if any(key in r for r in reinitialised):
+      assert (np.asarray(leaf) == 7.0).all()
+  kept = [leaf for path, leaf in flat if not any(jax.tree_util.keystr(path) in r for r in reinitialised)]
+  assert len(kept) > 0.9 * len(flat) and not any((np.asarray(k) == 7.0).all() for k in kept[:20])
+  with pytest.raises(ValueError, match="outside the class head"):
+    other = models.build("yolov9-t", num_classes=3)
+    train_state.transfer(pretrained, jax.eval_shape(
+        lambda: other.init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)), train=False)))

@@ -1,0 +1,239 @@
+"""Train a YOLOv9 / GELAN detector with the official recipe (FACTS.md §6).
+
+    python train.py                                            # the shapes demo, on the CPU
+    python train.py --config=configs/coco.py:yolov9-c --workdir=runs/yolov9-c
+    python train.py --config=configs/shapes_demo.py --config.train.epochs=5   # any field
+
+Every host of a multi-host job runs the same command with --config.distributed=True. Running the
+same command again resumes from the workdir's latest checkpoint, exactly. SIGTERM saves and exits.
+"""
+import importlib.metadata
+import json
+import os
+import pathlib
+import sys
+import time
+
+# XLA:CPU's default YNN fusion makes convolution weight gradients 6-19x slower; the flag exists
+# only where the CPU backend is the one in use, so it is left out when an accelerator plugin is.
+if not any(d.metadata["Name"].startswith(("jax-cuda", "jax_cuda", "libtpu"))
+           for d in importlib.metadata.distributions()):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_cpu_experimental_ynn_fusion_type=").strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tqdm  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from yolov9_jax import models  # noqa: E402
+from yolov9_jax.data import pipeline, sources, visualize  # noqa: E402
+from yolov9_jax.evaluation import evaluator  # noqa: E402
+from yolov9_jax.training import checkpoint, config_checks, sharding  # noqa: E402
+from yolov9_jax.training import optimizer as optim  # noqa: E402
+from yolov9_jax.training import state as train_state  # noqa: E402
+from yolov9_jax.training import step as train_step  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent
+config_flags.DEFINE_config_file("config", str(REPO / "configs" / "shapes_demo.py"),
+                                "Training config: a configs/*.py file[:argument].", lock_config=True)
+flags.DEFINE_string("workdir", "", "Checkpoints, logs and plots (default: runs/<config file name>).")
+FLAGS = flags.FLAGS
+
+
+def init_variables(model, config, num_classes):
+  """Fresh variables from the config seed; with ``model.init_from``, the checkpoint's weights
+  except the class head where the number of classes differs."""
+  size = config.augment.image_size
+  key = jax.random.key(config.seed)
+  variables = jax.jit(lambda: model.init(key, np.zeros((1, size, size, 3), np.float32), train=False))()
+  if config.model.init_from:
+    pretrained = load_weights(config.model.init_from, config.model.name)
+    variables, fresh = train_state.transfer(pretrained, variables)
+    print(f"fine-tuning from {config.model.init_from}; re-initialised: {', '.join(fresh) or 'nothing'}")
+  return variables
+
+
+def load_weights(path, model_name):
+  """EMA weights of one of our workdirs / checkpoint directories, or a weights file (official
+  .pt / .safetensors, .msgpack, .npz)."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    directory = path if (path / checkpoint.LAST).is_dir() else path.parent.parent
+    checkpoints = checkpoint.Checkpoints(directory)
+    state, _ = checkpoints.restore(None)
+    checkpoints.close()
+    return {"params": state["ema_params"], "batch_stats": state["ema_batch_stats"]}
+  return evaluator.load_variables(path, model_name)
+
+
+def log_scalars(writer, jsonl_path, step, scalars):
+  """TensorBoard scalars and one JSON line (process 0 only)."""
+  if writer is None:
+    return
+  with writer.as_default(step=step):
+    for name, value in scalars.items():
+      tf.summary.scalar(name, value)
+  with open(jsonl_path, "a") as f:
+    f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+
+def log_eval_images(writer, step, result, source, category_ids, class_names, count):
+  """A few validation images with their predicted boxes (score >= 0.25) in TensorBoard."""
+  if writer is None or count == 0:
+    return
+  label_of = {category: label for label, category in enumerate(category_ids)}
+  images = []
+  for index in range(min(count, len(source))):
+    example = source[index]
+    image_id = int(example["image_id"] if "image_id" in example else example["image/id"])
+    found = [r for r in result.results if r["image_id"] == image_id and r["score"] >= 0.25]
+    boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in found)]).reshape(-1, 4)
+    labels = [label_of[r["category_id"]] for r in found]
+    drawn = visualize.draw_boxes(np.asarray(example["image"]), boxes, labels, class_names,
+                                 [r["score"] for r in found])
+    images.append(np.asarray(drawn))
+  with writer.as_default(step=step):
+    for i, image in enumerate(images):
+      tf.summary.image(f"validation/{i}", image[None], step=step)
+
+
+def train(config, workdir):
+  """Trains as ``config`` says, in ``workdir`` (resuming from its latest checkpoint); returns
+  (final train state, final evaluation), or (state at the save, None) when preempted."""
+  if config.distributed:
+    jax.distributed.initialize()
+  jax.config.update("jax_compilation_cache_dir", str(REPO / ".cache" / "jax"))
+  mesh = sharding.make_mesh()
+  config_checks.validate(config, mesh.size)
+  workdir = pathlib.Path(workdir)
+  is_main_process = jax.process_index() == 0
+  if is_main_process:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  # Data: the batch at step N is a function of (seed, N).
+  data = sources.open_datasets(config.data)
+  batch_size, epochs = config.train.batch_size, config.train.epochs
+  steps_per_epoch = config.train.steps_per_epoch or len(data.train) // batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"config field train.batch_size={batch_size} is larger than the "
+                     f"{len(data.train)} training images")
+  total_steps = epochs * steps_per_epoch
+
+  # Model, optimizer, state: fresh, fine-tuned, or resumed from the workdir.
+  model = models.build(config.model.name, num_classes=len(data.class_names), dtype=config.model.dtype)
+  tx = optim.make_optimizer(config.optimizer, batch_size)
+  variables = init_variables(model, config, len(data.class_names))
+  state = train_state.create(variables, train_state.Layout.of(variables), tx,
+                             accumulate=optim.max_accumulate(config.optimizer, batch_size) > 1)
+  state = sharding.put_replicated(jax.device_get(state), mesh)
+  checkpoints = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+  best_fitness = -1.0
+  if checkpoints.latest_step() is not None:
+    state, meta = checkpoints.restore(checkpoint.abstract(state))
+    best_fitness = meta.get("best_fitness", -1.0)
+    print(f"resumed from {workdir} at step {int(state.iteration)}")
+  start_step = int(jax.device_get(state.iteration))
+
+  train_data = pipeline.TrainPipeline(data.train, config.augment, batch_size,
+                                      steps_per_epoch=steps_per_epoch, total_epochs=epochs)
+  if is_main_process and start_step == 0:
+    visualize.save_batch_grid(train_data.batch(0), data.class_names, workdir / "train_batch0.png")
+  step_fn = sharding.jit_train_step(train_step.make_train_step(
+      model, tx, num_classes=len(data.class_names), loss_config=config.loss,
+      recipe=config.optimizer, steps_per_epoch=steps_per_epoch, total_epochs=epochs,
+      global_batch_size=batch_size), state, mesh)
+
+  writer = tf.summary.create_file_writer(str(workdir / "tensorboard")) if is_main_process else None
+  jsonl = workdir / "metrics.jsonl"
+  preemption = checkpoint.Preemption()
+
+  def meta():
+    return {"config": config.to_dict(), "best_fitness": best_fitness,
+            "pipeline_counters": vars(train_data.counters), "class_names": data.class_names}
+
+  def run_evaluation(step):
+    nonlocal best_fitness
+    result = evaluator.evaluate(
+        config.model.name, jax.device_get(state.ema_variables()), data.eval, data.category_ids,
+        class_names=data.class_names, image_size=config.augment.image_size,
+        batch_size=config.eval.batch_size, ground_truth=data.eval_annotations or None, mesh=mesh,
+        conf_threshold=config.eval.conf_threshold, iou_threshold=config.eval.iou_threshold,
+        max_det=config.eval.max_det, dtype=config.model.dtype, progress=is_main_process)
+    fitness = 0.1 * result.metrics["AP50"] + 0.9 * result.metrics["AP"]
+    log_scalars(writer, jsonl, step, {f"eval/{k}": v for k, v in result.metrics.items() if k != "table"})
+    log_eval_images(writer, step, result, data.eval, data.category_ids, data.class_names,
+                    config.eval.num_images_logged)
+    if fitness > best_fitness:
+      best_fitness = fitness
+      checkpoints.save_best(state, meta(), fitness)
+    return result
+
+  # The loop: one jitted step per global batch; the host reads metrics of the step before,
+  # while the device runs the current one.
+  batches = pipeline.prefetch_to_device(train_data(start_step), mesh)
+  step, result, previous, interval_start = start_step, None, None, time.perf_counter()
+  for epoch in range(start_step // steps_per_epoch, epochs):
+    progress = tqdm.tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch,
+                         desc=f"epoch {epoch + 1}/{epochs}", disable=not is_main_process,
+                         dynamic_ncols=True)
+    while step < (epoch + 1) * steps_per_epoch:
+      state, metrics = step_fn(state, next(batches))
+      step += 1
+      progress.update()
+      if previous is not None and int(previous["consecutive_nonfinite"]) >= config.train.max_consecutive_nonfinite:
+        checkpoints.wait()
+        sys.exit(f"stopping: {config.train.max_consecutive_nonfinite} consecutive steps had a "
+                 f"non-finite loss or gradient (step {step}); the data or the settings are broken. "
+                 f"The last good checkpoint in {workdir / checkpoint.LAST} is intact.")
+      previous = metrics
+      if step % config.train.log_every_steps == 0:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        seconds = time.perf_counter() - interval_start
+        values["images_per_second"] = config.train.log_every_steps * batch_size / seconds
+        interval_start = time.perf_counter()
+        progress.set_postfix({k: f"{values[k]:.4g}" for k in ("box", "cls", "dfl", "lr", "images_per_second")})
+        log_scalars(writer, jsonl, step, {f"train/{k}": v for k, v in values.items()})
+      if step % config.train.checkpoint_every_steps == 0:
+        checkpoints.save(state, meta())
+      stop = (multihost_utils.reached_preemption_sync_point(step)
+              if jax.process_count() > 1 else preemption.requested)
+      if stop:
+        progress.close()
+        checkpoints.save(state, meta(), wait=True)
+        checkpoints.close()
+        preemption.restore_handler()
+        print(f"preempted: saved step {step} in {workdir / checkpoint.LAST}")
+        return state, None
+    progress.close()
+    if (epoch + 1) % config.eval.every_epochs == 0 and epoch + 1 < epochs:
+      run_evaluation(step)
+      interval_start = time.perf_counter()
+
+  checkpoints.save(state, meta(), wait=True)
+  result = run_evaluation(step)
+  checkpoints.wait()
+  checkpoints.close()
+  preemption.restore_handler()
+  if is_main_process:
+    print(result.metrics["table"])
+    print(f"{config.model.name} on {len(data.eval)} validation images: mAP@0.5 "
+          f"{result.metrics['AP50']:.3f}, mAP@0.5:0.95 {result.metrics['AP']:.3f} (EMA weights); "
+          f"{total_steps} steps; non-finite steps skipped: {int(jax.device_get(state.nonfinite_steps))}; "
+          f"train-step compilations: {step_fn._cache_size()}; workdir {workdir}")
+  return state, result
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save and read at INFO
+  config_file = FLAGS["config"].config_filename.split(":")[0]
+  train(FLAGS.config, FLAGS.workdir or REPO / "runs" / pathlib.Path(config_file).stem)
+
+
+if __name__ == "__main__":
+  app.run(main)

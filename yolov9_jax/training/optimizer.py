@@ -1,0 +1,98 @@
+"""The official optimisation recipe (FACTS.md §6.3-6.5): SGD with Nesterov momentum, three
+parameter groups, per-iteration warm-up, a linear per-epoch decay, gradient accumulation up to the
+nominal batch of 64, clipping at norm 10 and an EMA of the weights.
+
+Iterations (``iteration``) count train steps, i.e. global batches, as the official loop counts
+its (micro-)batches; the optimizer updates when ``accumulate`` of them have been summed.
+"""
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """hyp.scratch-high.yaml's optimiser values and the official training-loop constants."""
+  return ml_collections.ConfigDict(dict(
+      lr0=0.01,               # SGD learning rate at the start of the decay
+      lrf=0.01,               # final learning rate = lr0 * lrf (linear decay over the epochs)
+      momentum=0.937,         # Nesterov
+      weight_decay=5e-4,      # on conv kernels only, scaled by batch * accumulate / 64
+      warmup_epochs=3.0,
+      warmup_min_iterations=100,  # the official floor on the warm-up length
+      warmup_momentum=0.8,
+      warmup_bias_lr=0.1,     # biases start high and come down to lr0 during warm-up
+      max_grad_norm=10.0,
+      ema_decay=0.9999,
+      ema_ramp_updates=2000,  # decay(u) = ema_decay * (1 - exp(-u / ramp))
+      nominal_batch_size=64,  # the official nbs: images per optimizer update (accumulated)
+  ))
+
+
+def max_accumulate(config, global_batch_size):
+  """Train steps summed per optimizer update after warm-up: round(64 / batch), at least 1."""
+  return max(round(config.nominal_batch_size / global_batch_size), 1)
+
+
+def scaled_weight_decay(config, global_batch_size):
+  """The official weight decay scaled to the images per optimizer update (batch 128: 1e-3)."""
+  return (config.weight_decay * global_batch_size * max_accumulate(config, global_batch_size) /
+          config.nominal_batch_size)
+
+
+def warmup_iterations(config, steps_per_epoch):
+  return max(round(config.warmup_epochs * steps_per_epoch), config.warmup_min_iterations)
+
+
+def hyperparameters(iteration, config, steps_per_epoch, total_epochs, global_batch_size):
+  """Learning rates, momentum and the accumulation count at ``iteration`` (jnp or numpy int).
+
+  Returns dict(lr_bias, lr_weights, momentum, accumulate): the linear factor
+  lf(e) = (1 - e / E)(1 - lrf) + lrf of the epoch e, and during the first warm-up iterations a
+  linear ramp from (warmup_bias_lr for biases, 0 for the rest, warmup_momentum, 1 image batch per
+  update) to (lr0 lf(e), lr0 lf(e), momentum, 64 / batch).
+  """
+  iteration = jnp.asarray(iteration, jnp.float32)
+  epoch = jnp.floor(iteration / steps_per_epoch)
+  lr = config.lr0 * ((1 - epoch / total_epochs) * (1 - config.lrf) + config.lrf)
+  warmup = warmup_iterations(config, steps_per_epoch)
+  fraction = jnp.clip(iteration / warmup, 0.0, 1.0)
+  in_warmup = iteration <= warmup
+  ramp = lambda start, end: jnp.where(in_warmup, start + (end - start) * fraction, end)
+  accumulate = jnp.maximum(jnp.round(ramp(1.0, config.nominal_batch_size / global_batch_size)), 1.0)
+  return dict(lr_bias=ramp(config.warmup_bias_lr, lr), lr_weights=ramp(0.0, lr),
+              momentum=ramp(config.warmup_momentum, config.momentum),
+              accumulate=accumulate.astype(jnp.int32))
+
+
+def make_optimizer(config, global_batch_size):
+  """For the flat parameter vector of ``state.TrainState``: clip -> coupled weight decay on conv
+  kernels -> Nesterov momentum, as PyTorch's SGD computes it (buffer = m buffer + g;
+  update = g + m buffer). The momentum is set every update from the schedule (``with_momentum``);
+  learning rates are applied per group by ``scale_by_lr``, after the momentum, exactly where
+  PyTorch's SGD applies them. Group 2 (BatchNorm gamma) has neither decay nor the bias warm-up.
+
+  The weight decay needs the kernel mask: ``tx.update(grads, state, (params, kernel_mask))``.
+  """
+  weight_decay = scaled_weight_decay(config, global_batch_size)
+  return optax.chain(
+      optax.clip_by_global_norm(config.max_grad_norm),
+      optax.stateless(lambda updates, params_and_mask: updates + weight_decay * jnp.where(
+          params_and_mask[1], params_and_mask[0], 0.0)),
+      optax.inject_hyperparams(optax.trace)(decay=config.momentum, nesterov=True),
+  )
+
+
+def with_momentum(opt_state, momentum):
+  """``opt_state`` of ``make_optimizer`` with the momentum of this update."""
+  clip, decay, trace = opt_state
+  return clip, decay, trace._replace(hyperparams={**trace.hyperparams, "decay": momentum})
+
+
+def scale_by_lr(updates, lr_bias, lr_weights, bias_mask):
+  """Parameter deltas: -lr x update, with the bias group's own learning rate."""
+  return -jnp.where(bias_mask, lr_bias, lr_weights) * updates
+
+
+def ema_decay(updates_count, config):
+  """The official EMA decay after ``updates_count`` optimizer updates (counted before use)."""
+  return config.ema_decay * (1 - jnp.exp(-updates_count / config.ema_ramp_updates))

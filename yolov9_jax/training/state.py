@@ -1,0 +1,116 @@
+"""The train state: everything a run needs to continue exactly, as one pytree.
+
+Parameters, BatchNorm statistics, their EMA, the momentum and the gradient sum are each kept as
+one flat float32 vector (``Layout`` maps them to and from the model's variable trees). The
+optimizer and the EMA are then a handful of vector operations instead of a few per leaf: for
+gelan-t's 1,117 leaves that cuts the train step's compile time by more than half, and a flat
+vector is also the simplest thing to shard.
+"""
+import dataclasses
+import re
+from typing import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+_CLASS_BRANCH = re.compile(r"^cv[35]_\d+_\d+$")  # the heads' class convs, official cv3/cv5.<level>.<k>
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layout:
+  """How the flat vectors map to the variable trees, and which entries are in which group."""
+  unravel_params: Callable
+  unravel_batch_stats: Callable
+  leaf_sizes: tuple        # parameter leaves in ravel order
+  bias_leaves: tuple       # official group 0: every bias (BatchNorm beta and conv biases)
+  kernel_leaves: tuple     # official group 1: conv kernels, the only ones with weight decay
+
+  @classmethod
+  def of(cls, variables):
+    _, unravel_params = ravel_pytree(variables["params"])
+    _, unravel_batch_stats = ravel_pytree(variables["batch_stats"])
+    paths = jax.tree_util.tree_leaves_with_path(variables["params"])
+    last = [path[-1].key for path, _ in paths]
+    return cls(unravel_params, unravel_batch_stats, tuple(int(np.size(x)) for _, x in paths),
+               tuple(name == "bias" for name in last), tuple(name == "kernel" for name in last))
+
+  def masks(self):
+    """(bias, kernel) boolean vectors over the flat parameters. They live in the state, not in
+    the compiled step: as constants XLA would spend minutes folding them."""
+    per_entry = lambda flags: np.repeat(np.asarray(flags), self.leaf_sizes)
+    return per_entry(self.bias_leaves), per_entry(self.kernel_leaves)
+
+  def variables(self, params, batch_stats):
+    return {"params": self.unravel_params(params), "batch_stats": self.unravel_batch_stats(batch_stats)}
+
+
+class TrainState(flax.struct.PyTreeNode):
+  iteration: jax.Array          # train steps done (global batches); the data position
+  params: jax.Array             # flat, see Layout
+  batch_stats: jax.Array
+  opt_state: tuple
+  grad_sum: jax.Array           # gradients summed since the last update (None: no accumulation)
+  last_update_iteration: jax.Array  # the official last_opt_step, -1 before the first update
+  ema_params: jax.Array
+  ema_batch_stats: jax.Array
+  ema_updates: jax.Array        # optimizer updates so far (drives the EMA decay ramp)
+  nonfinite_steps: jax.Array    # steps skipped for a non-finite loss or gradient, in total
+  consecutive_nonfinite: jax.Array
+  bias_mask: jax.Array          # official group 0 entries of the flat parameters (Layout.masks)
+  kernel_mask: jax.Array        # official group 1 entries: conv kernels, with weight decay
+  layout: Layout = flax.struct.field(pytree_node=False)
+
+  def variables(self):
+    return self.layout.variables(self.params, self.batch_stats)
+
+  def ema_variables(self):
+    """The EMA weights as model variables: used for evaluation and export."""
+    return self.layout.variables(self.ema_params, self.ema_batch_stats)
+
+
+def create(variables, layout, tx, accumulate):
+  """A fresh state from model variables (``layout = Layout.of(variables)``, ``tx`` from
+  ``optimizer.make_optimizer``); ``accumulate`` allocates the gradient sum."""
+  params, _ = ravel_pytree(variables["params"])
+  batch_stats, _ = ravel_pytree(variables["batch_stats"])
+  int32 = lambda v: jnp.asarray(v, jnp.int32)
+  bias_mask, kernel_mask = layout.masks()
+  return TrainState(
+      iteration=int32(0), params=params, batch_stats=batch_stats, opt_state=tx.init(params),
+      grad_sum=jnp.zeros_like(params) if accumulate else None, last_update_iteration=int32(-1),
+      ema_params=params, ema_batch_stats=batch_stats, ema_updates=int32(0),
+      nonfinite_steps=int32(0), consecutive_nonfinite=int32(0), bias_mask=bias_mask,
+      kernel_mask=kernel_mask, layout=layout)
+
+
+def _is_class_head_leaf(path):
+  """A leaf of a head's class branch: its last conv has one channel per class, and its width is
+  max(channels, min(classes, 100)) (FACTS.md §1.4), so small models' whole branch may change."""
+  return any(_CLASS_BRANCH.match(str(getattr(p, "key", p))) for p in path)
+
+
+def transfer(pretrained, fresh):
+  """``fresh`` variables with every leaf that ``pretrained`` has at the same path and shape
+  copied over: fine-tuning with another number of classes keeps everything but the class head.
+  Returns (variables, paths kept fresh). A mismatch anywhere else is an error naming the leaves
+  (the checkpoint is of another architecture)."""
+  flat_pre = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(pretrained)}
+  reinitialised, foreign = [], []
+
+  def pick(path, fresh_leaf):
+    key = jax.tree_util.keystr(path)
+    old = flat_pre.get(key)
+    if old is not None and np.shape(old) == np.shape(fresh_leaf):
+      return jnp.asarray(old, fresh_leaf.dtype)
+    (reinitialised if _is_class_head_leaf(path) else foreign).append(
+        f"{key}: checkpoint {None if old is None else np.shape(old)}, model {np.shape(fresh_leaf)}")
+    return fresh_leaf
+
+  out = jax.tree_util.tree_map_with_path(pick, fresh)
+  if foreign:
+    raise ValueError("the checkpoint does not fit this architecture outside the class head: " +
+                     "; ".join(foreign[:10]) + (f" (and {len(foreign) - 10} more)" if len(foreign) > 10 else ""))
+  return out, reinitialised
