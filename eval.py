@@ -21,7 +21,8 @@ from yolov9_jax.evaluation import evaluator, plots
 # This script's own flags (detect.py has flags of the same names; both run in one test process).
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("model", None, "architecture, e.g. gelan-c or yolov9-c", flag_values=FLAGS)
-flags.DEFINE_string("weights", None, "weights file: .msgpack, .npz, or an official .pt",
+flags.DEFINE_string("weights", None, "a train.py workdir or checkpoint (EMA weights), or a "
+                    "weights file: .msgpack, .npz, an official .pt or .safetensors",
                     flag_values=FLAGS)
 flags.DEFINE_string("data_dir", None, "TFDS data_dir holding the prepared dataset",
                     flag_values=FLAGS)
@@ -72,8 +73,8 @@ def main(argv):
   if missing:
     raise ValueError(f"eval.py needs {', '.join(missing)}")
   weights = pathlib.Path(FLAGS.weights).expanduser()
-  if not weights.is_file():
-    raise FileNotFoundError(f"weights file {weights} does not exist")
+  if not weights.exists():
+    raise FileNotFoundError(f"weights {weights} do not exist")
   source, category_ids, class_names = _source(FLAGS.data_dir, FLAGS.dataset, FLAGS.split)
   variables = evaluator.load_variables(weights, FLAGS.model, num_classes=len(category_ids))
   annotations = FLAGS.annotations and pathlib.Path(FLAGS.annotations).expanduser()

@@ -17,11 +17,11 @@ checkpoints that the official detect.py/val.py load directly:
 import pathlib
 import sys
 
-import orbax.checkpoint as ocp
 from absl import app, flags
 from flax import serialization
 
 from yolov9_jax import interop, models
+from yolov9_jax.training import checkpoint
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "our checkpoint: an orbax checkpoint of the training state (a step "
@@ -47,11 +47,10 @@ def load_variables(path, ema=True):
   """Model variables ``{"params", "batch_stats"}`` from one of our checkpoints (see --checkpoint):
   of a training state, its EMA weights when ``ema``."""
   path = pathlib.Path(path)
-  if path.is_dir():  # restored as saved, without a target: nothing here needs the config
-    item = path / "state" if (path / "state").is_dir() else path
-    restored = ocp.StandardCheckpointer().restore(item.absolute())
-  else:
-    restored = serialization.msgpack_restore(path.read_bytes())
+  if path.is_dir():  # a workdir or a checkpoint of train.py: the model comes from its config
+    _, variables, _ = checkpoint.load_model_variables(path, ema=ema)
+    return variables
+  restored = serialization.msgpack_restore(path.read_bytes())
   prefix = "ema_" if ema and "ema_params" in restored else ""
   if f"{prefix}params" not in restored:
     raise ValueError(f"{path} holds {sorted(restored)[:10]}: expected model variables "

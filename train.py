@@ -58,15 +58,11 @@ def init_variables(model, config, num_classes):
 
 
 def load_weights(path, model_name):
-  """EMA weights of one of our workdirs / checkpoint directories, or a weights file (official
-  .pt / .safetensors, .msgpack, .npz)."""
-  path = pathlib.Path(path)
-  if path.is_dir():
-    directory = path if (path / checkpoint.LAST).is_dir() else path.parent.parent
-    checkpoints = checkpoint.Checkpoints(directory)
-    state, _ = checkpoints.restore(None)
-    checkpoints.close()
-    return {"params": state["ema_params"], "batch_stats": state["ema_batch_stats"]}
+  """EMA weights of one of our workdirs / checkpoints, or a weights file (official .pt /
+  .safetensors, .msgpack, .npz)."""
+  if pathlib.Path(path).is_dir():
+    _, variables, _ = checkpoint.load_model_variables(path)
+    return variables
   return evaluator.load_variables(path, model_name)
 
 
@@ -105,7 +101,9 @@ def train(config, workdir):
   """Trains as ``config`` says, in ``workdir`` (resuming from its latest checkpoint); returns
   (final train state, final evaluation), or (state at the save, None) when preempted."""
   if config.distributed:
-    jax.distributed.initialize()
+    explicit = config.coordinator_address and config.num_processes > 0 and config.process_id >= 0
+    jax.distributed.initialize(*(
+        (config.coordinator_address, config.num_processes, config.process_id) if explicit else ()))
   jax.config.update("jax_compilation_cache_dir", str(REPO / ".cache" / "jax"))
   mesh = sharding.make_mesh()
   config_checks.validate(config, mesh.size)
@@ -128,9 +126,11 @@ def train(config, workdir):
   model = models.build(config.model.name, num_classes=len(data.class_names), dtype=config.model.dtype)
   tx = optim.make_optimizer(config.optimizer, batch_size)
   variables = init_variables(model, config, len(data.class_names))
-  state = train_state.create(variables, train_state.Layout.of(variables), tx,
+  shard_state = config.train.shard_state
+  layout = train_state.Layout.of(variables, pad_to=mesh.size if shard_state else 1)
+  state = train_state.create(variables, layout, tx,
                              accumulate=optim.max_accumulate(config.optimizer, batch_size) > 1)
-  state = sharding.put_replicated(jax.device_get(state), mesh)
+  state = sharding.put_state(jax.device_get(state), mesh, shard_state)
   checkpoints = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
   best_fitness = -1.0
   if checkpoints.latest_step() is not None:
@@ -146,7 +146,7 @@ def train(config, workdir):
   step_fn = sharding.jit_train_step(train_step.make_train_step(
       model, tx, num_classes=len(data.class_names), loss_config=config.loss,
       recipe=config.optimizer, steps_per_epoch=steps_per_epoch, total_epochs=epochs,
-      global_batch_size=batch_size), state, mesh)
+      global_batch_size=batch_size), state, mesh, shard_state)
 
   writer = tf.summary.create_file_writer(str(workdir / "tensorboard")) if is_main_process else None
   jsonl = workdir / "metrics.jsonl"

@@ -11,6 +11,10 @@ def base() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.distributed = False  # True on TPU pods / multi-node GPU: jax.distributed.initialize()
+  # Where no cluster manager tells JAX (TPU VMs and SLURM do), name the job's processes:
+  config.coordinator_address = ""  # "host0:1234"
+  config.num_processes = 0
+  config.process_id = -1
   config.model = ml_collections.ConfigDict(dict(
       name="yolov9-c",
       dtype="float32",      # compute dtype: bfloat16 on accelerators; params and BN stay float32
@@ -39,6 +43,7 @@ def base() -> ml_collections.ConfigDict:
       checkpoint_every_steps=1000,
       keep_checkpoints=3,
       max_consecutive_nonfinite=20,  # then stop: the data or the settings are broken
+      shard_state=False,    # FSDP: split weights, EMA, momentum and gradient sum over the devices
   ))
   config.eval = ml_collections.ConfigDict(dict(
       every_epochs=10,      # and after the last epoch

@@ -14,6 +14,7 @@ import zipfile
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.flatten_util import ravel_pytree
 import pytest
 import testweights
 from conftest import REPO_ROOT
@@ -467,15 +468,19 @@ def test_export_command_writes_the_ema_weights_in_both_layouts(
     tmp_path, yolov9_t_variables, checkpoint_format):
   ema = _float16_exact(yolov9_t_variables)
   raw = jax.tree.map(np.negative, ema)
-  state = {"iteration": np.int32(10), "params": raw["params"], "batch_stats": raw["batch_stats"],
-           "ema_params": ema["params"], "ema_batch_stats": ema["batch_stats"]}
-  if checkpoint_format == "orbax":  # as the training loop saves it: a step with a "state" item
+  if checkpoint_format == "orbax":  # as train.py saves it: flat vectors, config and class names
+    flat = lambda tree: np.asarray(ravel_pytree(tree)[0])
+    state = {"iteration": np.int32(10), "params": flat(raw["params"]),
+             "batch_stats": flat(raw["batch_stats"]), "ema_params": flat(ema["params"]),
+             "ema_batch_stats": flat(ema["batch_stats"])}
     checkpoint = tmp_path / "checkpoints" / "10"
     manager = ocp.CheckpointManager(checkpoint.parent)
-    manager.save(10, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             meta=ocp.args.JsonSave({"note": "test"})))
+    manager.save(10, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(
+        {"config": {"model": {"name": "yolov9-t"}}, "class_names": ["a", "b", "c"]})))
     manager.wait_until_finished()
   else:
+    state = {"iteration": np.int32(10), "params": raw["params"], "batch_stats": raw["batch_stats"],
+             "ema_params": ema["params"], "ema_batch_stats": ema["batch_stats"]}
     checkpoint = tmp_path / "state.msgpack"
     checkpoint.write_bytes(serialization.msgpack_serialize(state))
   result = subprocess.run(

@@ -1,5 +1,6 @@
 """train.py end to end on a tiny shapes run: it learns the official way, resumes exactly after a
 SIGTERM, stops on repeated non-finite steps, rejects bad config values, fine-tunes."""
+import importlib
 import os
 import pathlib
 import signal
@@ -52,6 +53,21 @@ def test_a_run_writes_checkpoints_logs_and_the_batch_grid(straight_run):
   assert np.isfinite(state.params).all() and not np.array_equal(state.params, state.ema_params)
 
 
+def test_eval_script_evaluates_the_trained_workdir(straight_run, capsys):
+  config, _, result, workdir = straight_run
+  eval_script = importlib.import_module("eval")
+  data = config.data.shapes
+  evaluated = eval_script.main([
+      "eval.py", "--model=gelan-t", f"--weights={workdir}", f"--data_dir={config.data.data_dir}",
+      f"--dataset=shapes_{data.num_train}_{data.num_val}_64x64_seed0", "--image_size=64",
+      "--batch_size=8", f"--out_dir={workdir / 'eval'}",
+      f"--annotations={pathlib.Path(config.data.data_dir) / 'raw' / f'shapes_{data.num_train}_{data.num_val}_64x64_seed0' / 'validation' / 'annotations.json'}"])
+  assert "Average Precision" in capsys.readouterr().out
+  assert evaluated.metrics["AP"] == pytest.approx(result.metrics["AP"], abs=1e-9)  # the same EMA weights
+  for name in ("predictions.json", "per_class_ap.csv", "pr_curve.png", "confusion_matrix.png"):
+    assert (workdir / "eval" / name).exists()
+
+
 class _SigtermAfter:
   """A training source that sends this process SIGTERM once ``reads`` examples were read, as a
   preempted VM's shutdown would, at a step the run does not know in advance."""
@@ -100,8 +116,8 @@ def test_repeated_nonfinite_steps_stop_the_run_with_the_checkpoint_intact(straig
   config.train.max_consecutive_nonfinite = 2
   jit_train_step = train.sharding.jit_train_step
 
-  def diverging_after_step_4(step_fn, state, mesh):
-    compiled = jit_train_step(step_fn, state, mesh)
+  def diverging_after_step_4(step_fn, state, mesh, shard_state=False):
+    compiled = jit_train_step(step_fn, state, mesh, shard_state)
 
     def step(state, batch):  # the device reports non-finite steps from iteration 5 on
       iteration = int(state.iteration)
@@ -159,3 +175,49 @@ def test_fine_tuning_keeps_everything_but_the_class_head(gelan_t_20_classes):
     other = models.build("yolov9-t", num_classes=3)
     train_state.transfer(pretrained, jax.eval_shape(
         lambda: other.init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)), train=False)))
+
+
+_PROCESS = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_cpu_experimental_ynn_fusion_type= --xla_force_host_platform_device_count=1"
+sys.path[:0] = [{repo!r}, {tests!r}]
+import jax
+import numpy as np
+jax.config.update("jax_compilation_cache_dir", {cache!r})
+import train
+from test_train_loop import _tiny_config
+config = _tiny_config({data_dir!r})
+config.update(distributed=True, coordinator_address={address!r}, num_processes=2, process_id={index})
+config.train.update(batch_size=2, epochs=1, steps_per_epoch=3)
+config.eval.batch_size = 2
+state, result = train.train(config, {workdir!r})
+assert jax.process_count() == 2 and len(jax.devices()) == 2
+np.save({out!r}, np.asarray(jax.device_get(state.params)))
+"""
+
+
+def test_two_processes_train_in_lockstep_and_end_with_identical_parameters(straight_run, tmp_path):
+  import socket
+  import subprocess
+  config, _, _, _ = straight_run
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{probe.getsockname()[1]}"
+  tests = pathlib.Path(__file__).parent
+  processes = []
+  for index in range(2):
+    script = _PROCESS.format(repo=str(REPO_ROOT), tests=str(tests), cache=str(REPO_ROOT / ".cache" / "jax"),
+                             data_dir=config.data.data_dir, address=address, index=index,
+                             workdir=str(tmp_path / "run"), out=str(tmp_path / f"params{index}.npy"))
+    processes.append(subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+  try:
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+  finally:
+    for p in processes:  # only our own children, by PID
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  first, second = (np.load(tmp_path / f"params{i}.npy") for i in range(2))
+  np.testing.assert_array_equal(first, second)
+  assert np.isfinite(first).all()

@@ -78,16 +78,19 @@ def _step_fn(model, tx, batch_size, recipe=None):
       global_batch_size=batch_size)
 
 
-def test_a_step_sharded_over_8_devices_equals_the_single_device_step(gelan_t_20_classes):
+@pytest.mark.parametrize("shard_state", [False, True], ids=["replicated", "fsdp"])
+def test_a_step_sharded_over_8_devices_equals_the_single_device_step(gelan_t_20_classes, shard_state):
   model, variables = gelan_t_20_classes
   batch = _batch(8, 64)
   tx = optim.make_optimizer(optim.default_config(), 8)
-  layout = train_state.Layout.of(variables)
   results = []
-  for devices in (jax.devices()[:1], jax.devices()):
+  for devices, sharded in ((jax.devices()[:1], False), (jax.devices(), shard_state)):
     mesh = sharding.make_mesh(devices)
-    state = sharding.put_replicated(train_state.create(variables, layout, tx, accumulate=True), mesh)
-    step = sharding.jit_train_step(_step_fn(model, tx, 8), state, mesh)
+    layout = train_state.Layout.of(variables, pad_to=mesh.size if sharded else 1)
+    state = sharding.put_state(train_state.create(variables, layout, tx, accumulate=True), mesh, sharded)
+    if sharded:
+      assert state.params.sharding.shard_shape(state.params.shape)[0] == layout.padded_size // 8
+    step = sharding.jit_train_step(_step_fn(model, tx, 8), state, mesh, sharded)
     # At iteration 100 (end of warm-up) batch 8 accumulates 8 steps per update: the first step
     # updates (8 since the last), the second only adds its gradients to the sum.
     state = state.replace(iteration=jnp.asarray(100), last_update_iteration=jnp.asarray(92))
@@ -98,11 +101,13 @@ def test_a_step_sharded_over_8_devices_equals_the_single_device_step(gelan_t_20_
     assert updated == [True, False] and bool(metrics["finite"])
     results.append((jax.device_get(state), jax.device_get(metrics)))
   (single, single_metrics), (sharded, sharded_metrics) = results
+  size = sum(single.layout.leaf_sizes)
   np.testing.assert_allclose(sharded_metrics["loss"], single_metrics["loss"], rtol=1e-5)
   for name in ("params", "batch_stats", "ema_params", "grad_sum"):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 getattr(sharded, name), getattr(single, name))
-  assert not np.allclose(single.params, train_state.create(variables, layout, tx, False).params)
+    np.testing.assert_allclose(getattr(sharded, name)[:size], getattr(single, name)[:size],
+                               rtol=1e-5, atol=1e-6, err_msg=name)
+  fresh = train_state.create(variables, single.layout, tx, False)
+  assert not np.allclose(single.params, fresh.params)
 
 
 def test_a_nonfinite_step_changes_nothing_but_the_counters(gelan_t_20_classes):
@@ -110,12 +115,12 @@ def test_a_nonfinite_step_changes_nothing_but_the_counters(gelan_t_20_classes):
   tx = optim.make_optimizer(optim.default_config(), 8)
   layout = train_state.Layout.of(variables)
   mesh = sharding.make_mesh()
-  state = sharding.put_replicated(train_state.create(variables, layout, tx, accumulate=True), mesh)
+  state = sharding.put_state(train_state.create(variables, layout, tx, accumulate=True), mesh)
   step = sharding.jit_train_step(_step_fn(model, tx, 8), state, mesh)
   batch = jax.device_put(_batch(8, 64), sharding.batch_sharding(mesh))
   good = jax.device_get(state.replace(iteration=jnp.asarray(100), last_update_iteration=jnp.asarray(92)))
   poisoned = good.replace(params=good.params.at[0].set(np.nan))
-  state, metrics = step(sharding.put_replicated(poisoned, mesh), batch)
+  state, metrics = step(sharding.put_state(poisoned, mesh), batch)
   after = jax.device_get(state)
   assert not metrics["finite"] and not metrics["updated"]
   assert int(after.nonfinite_steps) == 1 and int(after.consecutive_nonfinite) == 1
@@ -124,6 +129,6 @@ def test_a_nonfinite_step_changes_nothing_but_the_counters(gelan_t_20_classes):
   np.testing.assert_array_equal(after.params[1:], poisoned.params[1:])
   assert int(after.iteration) == 101  # the data moves on
   # The next finite step updates again and resets the run of non-finite steps.
-  state, metrics = step(sharding.put_replicated(after.replace(params=good.params), mesh), batch)
+  state, metrics = step(sharding.put_state(after.replace(params=good.params), mesh), batch)
   assert metrics["finite"] and metrics["updated"]
   assert int(state.consecutive_nonfinite) == 0 and int(state.nonfinite_steps) == 1

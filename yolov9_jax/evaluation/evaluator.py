@@ -382,7 +382,7 @@ def _checked_variables(variables, model_name, num_classes, path):
 def load_variables(path, model_name, num_classes=None):
   """Training variables {"params", "batch_stats"} of ``model_name`` from a weights file.
 
-  Formats: ``.msgpack`` (``flax.serialization.to_bytes`` of the variables), ``.npz`` (the
+  Formats: a ``train.py`` workdir or checkpoint directory (EMA weights), ``.msgpack`` (``flax.serialization.to_bytes`` of the variables), ``.npz`` (the
   variables flattened with "/"-joined keys, e.g. "params/model_0/conv/kernel"), and official
   PyTorch checkpoints (``.pt``, ``.safetensors``) through ``interop.load_torch_checkpoint`` where
   this version has it. ``num_classes`` is read from the file when None, else checked.
@@ -390,9 +390,14 @@ def load_variables(path, model_name, num_classes=None):
   path = pathlib.Path(path)
   if model_name not in models.ARCHITECTURES:
     raise ValueError(f"unknown model {model_name!r}; expected one of {sorted(models.ARCHITECTURES)}")
+  if path.is_dir():  # a train.py workdir or checkpoint: its EMA weights
+    from yolov9_jax.training import checkpoint  # noqa: PLC0415  (training imports evaluation)
+    saved_name, variables, _ = checkpoint.load_model_variables(path)
+    if saved_name != model_name:
+      raise ValueError(f"{path} is a checkpoint of {saved_name}, not {model_name}")
+    return _checked_variables(variables, model_name, num_classes, path)
   if not path.is_file():
-    raise FileNotFoundError(f"weights file {path} does not exist" if not path.exists() else
-                            f"weights path {path} is not a file")
+    raise FileNotFoundError(f"weights file {path} does not exist")
   suffix = path.suffix.lower()
   if suffix in (".pt", ".pth", ".safetensors"):
     if not hasattr(interop, "load_torch_checkpoint"):

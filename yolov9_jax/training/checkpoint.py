@@ -11,6 +11,7 @@ import pathlib
 import signal
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 LAST, BEST = "checkpoints", "best"
@@ -70,6 +71,39 @@ class Checkpoints:
   def close(self):
     self.last.close()
     self.best.close()
+
+
+def _step_directory(path):
+  """A step directory from a workdir, its checkpoints/ or best/ folder, or a step directory."""
+  path = pathlib.Path(path).absolute()
+  if (path / LAST).is_dir():
+    path = path / LAST
+  if (path / "state").is_dir():
+    return path
+  steps = sorted((p for p in path.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) \
+      if path.is_dir() else []
+  if not steps:
+    raise FileNotFoundError(f"{path} holds no training checkpoint (a workdir, its {LAST}/ or {BEST}/ "
+                            "folder, or one step directory)")
+  return steps[-1]
+
+
+def load_model_variables(path, ema=True):
+  """(model name, variables {"params", "batch_stats"}, meta) of a training checkpoint: its EMA
+  weights, or the raw training weights with ``ema=False``. Needs nothing but the checkpoint: the
+  model and its number of classes come from the saved config and class names."""
+  from yolov9_jax import models  # noqa: PLC0415  (training.state imports nothing of models)
+  from yolov9_jax.training import state as train_state  # noqa: PLC0415
+  step_directory = _step_directory(path)
+  state = ocp.StandardCheckpointer().restore(step_directory / "state")
+  meta = json.loads((step_directory / "meta" / "metadata").read_text())  # orbax's JSON item
+  name = meta["config"]["model"]["name"]
+  model = models.build(name, num_classes=len(meta["class_names"]))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 64, 64, 3)),
+                                             train=False))
+  layout = train_state.Layout.of(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+  prefix = "ema_" if ema else ""
+  return name, layout.variables(state[f"{prefix}params"], state[f"{prefix}batch_stats"]), meta
 
 
 def abstract(state):

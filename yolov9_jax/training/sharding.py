@@ -1,5 +1,8 @@
 """Where arrays live: one mesh over every device of every host, the batch split along "data",
-the train state replicated. Decided here and nowhere else; the model knows nothing of devices."""
+the train state replicated, or with ``shard_state`` (FSDP / ZeRO-3) its flat parameter-sized
+vectors (weights, EMA, momentum, gradient sum) split along "data" too: each device then holds
+1/N of them and XLA gathers the weights for the forward pass and reduce-scatters the gradients.
+Decided here and nowhere else; the model knows nothing of devices."""
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -28,20 +31,28 @@ def check_batch_size(global_batch_size, mesh):
                      f"{mesh.size} devices")
 
 
-def jit_train_step(step_fn, state, mesh):
-  """``step_fn`` jitted once: state replicated and donated, batch split over the data axis, so
-  BatchNorm statistics and the loss normalisation are over the global batch."""
-  state_sharding = jax.tree.map(lambda _: replicated(mesh), state)
-  return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding(mesh)),
-                 out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
+def state_shardings(state, mesh, shard_state=False):
+  """Replicated, except (with ``shard_state``) the state's flat vectors of the padded parameter
+  length, split along the data axis."""
+  def sharding(leaf):
+    if shard_state and np.ndim(leaf) == 1 and np.size(leaf) == state.layout.padded_size:
+      return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    return replicated(mesh)
+  return jax.tree.map(sharding, state)
 
 
-def put_replicated(tree, mesh):
-  """Host arrays -> replicated global arrays (every process passes the same values)."""
-  sharding = replicated(mesh)
+def jit_train_step(step_fn, state, mesh, shard_state=False):
+  """``step_fn`` jitted once: state donated, batch split over the data axis, so BatchNorm
+  statistics and the loss normalisation are over the global batch."""
+  shardings = state_shardings(state, mesh, shard_state)
+  return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)),
+                 out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
-  def put(x):
+
+def put_state(state, mesh, shard_state=False):
+  """A host state -> global arrays with ``state_shardings`` (every process passes the same
+  values)."""
+  def put(x, sharding):
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-  return jax.tree.map(put, tree)
+  return jax.tree.map(put, state, state_shardings(state, mesh, shard_state))

@@ -25,26 +25,36 @@ class Layout:
   unravel_params: Callable
   unravel_batch_stats: Callable
   leaf_sizes: tuple        # parameter leaves in ravel order
+  padded_size: int         # the flat parameter vectors' length: padded to split evenly (FSDP)
   bias_leaves: tuple       # official group 0: every bias (BatchNorm beta and conv biases)
   kernel_leaves: tuple     # official group 1: conv kernels, the only ones with weight decay
 
   @classmethod
-  def of(cls, variables):
+  def of(cls, variables, pad_to=1):
+    """``pad_to``: the flat parameter vectors' length is made a multiple of it (the number of
+    devices they are split over), with zeros that no weight reads."""
     _, unravel_params = ravel_pytree(variables["params"])
     _, unravel_batch_stats = ravel_pytree(variables["batch_stats"])
     paths = jax.tree_util.tree_leaves_with_path(variables["params"])
     last = [path[-1].key for path, _ in paths]
-    return cls(unravel_params, unravel_batch_stats, tuple(int(np.size(x)) for _, x in paths),
+    sizes = tuple(int(np.size(x)) for _, x in paths)
+    return cls(unravel_params, unravel_batch_stats, sizes, -(-sum(sizes) // pad_to) * pad_to,
                tuple(name == "bias" for name in last), tuple(name == "kernel" for name in last))
+
+  def flatten_params(self, params):
+    flat, _ = ravel_pytree(params)
+    return jnp.pad(flat, (0, self.padded_size - flat.size))
 
   def masks(self):
     """(bias, kernel) boolean vectors over the flat parameters. They live in the state, not in
     the compiled step: as constants XLA would spend minutes folding them."""
-    per_entry = lambda flags: np.repeat(np.asarray(flags), self.leaf_sizes)
+    padding = self.padded_size - sum(self.leaf_sizes)
+    per_entry = lambda flags: np.pad(np.repeat(np.asarray(flags), self.leaf_sizes), (0, padding))
     return per_entry(self.bias_leaves), per_entry(self.kernel_leaves)
 
   def variables(self, params, batch_stats):
-    return {"params": self.unravel_params(params), "batch_stats": self.unravel_batch_stats(batch_stats)}
+    return {"params": self.unravel_params(params[:sum(self.leaf_sizes)]),
+            "batch_stats": self.unravel_batch_stats(batch_stats)}
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -74,7 +84,7 @@ class TrainState(flax.struct.PyTreeNode):
 def create(variables, layout, tx, accumulate):
   """A fresh state from model variables (``layout = Layout.of(variables)``, ``tx`` from
   ``optimizer.make_optimizer``); ``accumulate`` allocates the gradient sum."""
-  params, _ = ravel_pytree(variables["params"])
+  params = layout.flatten_params(variables["params"])
   batch_stats, _ = ravel_pytree(variables["batch_stats"])
   int32 = lambda v: jnp.asarray(v, jnp.int32)
   bias_mask, kernel_mask = layout.masks()
