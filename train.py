@@ -100,6 +100,7 @@ def log_eval_images(writer, step, result, source, category_ids, class_names, cou
 def train(config, workdir):
   """Trains as ``config`` says, in ``workdir`` (resuming from its latest checkpoint); returns
   (final train state, final evaluation), or (state at the save, None) when preempted."""
+  started = time.perf_counter()
   if config.distributed:
     explicit = config.coordinator_address and config.num_processes > 0 and config.process_id >= 0
     jax.distributed.initialize(*(
@@ -224,7 +225,8 @@ def train(config, workdir):
     print(f"{config.model.name} on {len(data.eval)} validation images: mAP@0.5 "
           f"{result.metrics['AP50']:.3f}, mAP@0.5:0.95 {result.metrics['AP']:.3f} (EMA weights); "
           f"{total_steps} steps; non-finite steps skipped: {int(jax.device_get(state.nonfinite_steps))}; "
-          f"train-step compilations: {step_fn._cache_size()}; workdir {workdir}")
+          f"train-step compilations: {step_fn._cache_size()}; "
+          f"{(time.perf_counter() - started) / 60:.1f} min; workdir {workdir}")
   return state, result
 
 

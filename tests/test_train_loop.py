@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import train_step_tests
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -41,6 +42,7 @@ def straight_run(tmp_path_factory):
   return config, jax.device_get(state), result, root / "straight"
 
 
+@train_step_tests
 def test_a_run_writes_checkpoints_logs_and_the_batch_grid(straight_run):
   config, state, result, workdir = straight_run
   assert int(state.iteration) == 12 and int(state.ema_updates) == 12  # accumulate 1: every step
@@ -53,6 +55,7 @@ def test_a_run_writes_checkpoints_logs_and_the_batch_grid(straight_run):
   assert np.isfinite(state.params).all() and not np.array_equal(state.params, state.ema_params)
 
 
+@train_step_tests
 def test_eval_script_evaluates_the_trained_workdir(straight_run, capsys):
   config, _, result, workdir = straight_run
   eval_script = importlib.import_module("eval")
@@ -85,6 +88,7 @@ class _SigtermAfter:
     return self.source[index]
 
 
+@train_step_tests
 def test_sigterm_saves_and_the_resumed_run_ends_bit_identical(straight_run, tmp_path, monkeypatch):
   config, straight_state, _, workdir = straight_run
   open_datasets = sources.open_datasets
@@ -109,6 +113,7 @@ def test_sigterm_saves_and_the_resumed_run_ends_bit_identical(straight_run, tmp_
     np.testing.assert_array_equal(getattr(resumed, name), getattr(straight_state, name), err_msg=name)
 
 
+@train_step_tests
 def test_repeated_nonfinite_steps_stop_the_run_with_the_checkpoint_intact(straight_run, tmp_path,
                                                                            monkeypatch):
   config, _, _, _ = straight_run
@@ -196,6 +201,7 @@ np.save({out!r}, np.asarray(jax.device_get(state.params)))
 """
 
 
+@train_step_tests
 def test_two_processes_train_in_lockstep_and_end_with_identical_parameters(straight_run, tmp_path):
   import socket
   import subprocess

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import train_step_tests
 
 from yolov9_jax import losses
 from yolov9_jax.training import optimizer as optim
@@ -78,6 +79,7 @@ def _step_fn(model, tx, batch_size, recipe=None):
       global_batch_size=batch_size)
 
 
+@train_step_tests
 @pytest.mark.parametrize("shard_state", [False, True], ids=["replicated", "fsdp"])
 def test_a_step_sharded_over_8_devices_equals_the_single_device_step(gelan_t_20_classes, shard_state):
   model, variables = gelan_t_20_classes
@@ -110,6 +112,7 @@ def test_a_step_sharded_over_8_devices_equals_the_single_device_step(gelan_t_20_
   assert not np.allclose(single.params, fresh.params)
 
 
+@train_step_tests
 def test_a_nonfinite_step_changes_nothing_but_the_counters(gelan_t_20_classes):
   model, variables = gelan_t_20_classes
   tx = optim.make_optimizer(optim.default_config(), 8)
