@@ -74,7 +74,7 @@ def main(argv):
     raise ValueError(f"eval.py needs {', '.join(missing)}")
   weights = pathlib.Path(FLAGS.weights).expanduser()
   if not weights.exists():
-    raise FileNotFoundError(f"weights {weights} do not exist")
+    raise FileNotFoundError(f"weights file or checkpoint directory {weights} does not exist")
   source, category_ids, class_names = _source(FLAGS.data_dir, FLAGS.dataset, FLAGS.split)
   variables = evaluator.load_variables(weights, FLAGS.model, num_classes=len(category_ids))
   annotations = FLAGS.annotations and pathlib.Path(FLAGS.annotations).expanduser()

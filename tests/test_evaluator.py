@@ -206,7 +206,7 @@ def test_eval_script_names_a_missing_weights_file_or_dataset(shapes_dataset, wei
   builder, _ = shapes_dataset
   common = ["eval.py", "--model=gelan-t", "--split=validation", f"--out_dir={tmp_path}"]
   script = _script("eval")
-  with pytest.raises(FileNotFoundError, match=f"weights file {tmp_path / 'nope.msgpack'} does not"):
+  with pytest.raises(FileNotFoundError, match=f"weights file or checkpoint directory {tmp_path / 'nope.msgpack'} does not"):
     script.main(common + [f"--weights={tmp_path / 'nope.msgpack'}",
                           f"--data_dir={builder.data_dir_root}", "--dataset=shapes_eval"])
   with pytest.raises(FileNotFoundError, match=f"no prepared dataset 'missing' under {tmp_path}"):
