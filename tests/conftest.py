@@ -22,12 +22,11 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 sys.path.insert(0, str(SPEC_DIR / "golden"))
 
-# The compiled train-step tests (sharded step, train.py end to end, two processes) take over an
-# hour on a 2-core CPU and one of them stalls under XLA:CPU with 8 simulated devices (issue 7 is
-# open for it); they run only when asked: YOLOV9_TRAIN_STEP_TESTS=1 python -m pytest ...
-train_step_tests = pytest.mark.skipif(
-    os.environ.get("YOLOV9_TRAIN_STEP_TESTS") != "1",
-    reason="compiled train-step tests: set YOLOV9_TRAIN_STEP_TESTS=1 (slow on CPU; issue 7)")
+# Tests too slow for every CI run: the FSDP variant of the sharded train step compiles for
+# about 6 minutes on a 2-core CPU. YOLOV9_SLOW_TESTS=1 python -m pytest ... runs them too.
+slow_test = pytest.mark.skipif(
+    os.environ.get("YOLOV9_SLOW_TESTS") != "1",
+    reason="slow on a 2-core CPU (minutes of compilation): set YOLOV9_SLOW_TESTS=1 to run it")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import train_step_tests
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -42,7 +41,6 @@ def straight_run(tmp_path_factory):
   return config, jax.device_get(state), result, root / "straight"
 
 
-@train_step_tests
 def test_a_run_writes_checkpoints_logs_and_the_batch_grid(straight_run):
   config, state, result, workdir = straight_run
   assert int(state.iteration) == 12 and int(state.ema_updates) == 12  # accumulate 1: every step
@@ -55,7 +53,6 @@ def test_a_run_writes_checkpoints_logs_and_the_batch_grid(straight_run):
   assert np.isfinite(state.params).all() and not np.array_equal(state.params, state.ema_params)
 
 
-@train_step_tests
 def test_eval_script_evaluates_the_trained_workdir(straight_run, capsys):
   config, _, result, workdir = straight_run
   eval_script = importlib.import_module("eval")
@@ -88,7 +85,6 @@ class _SigtermAfter:
     return self.source[index]
 
 
-@train_step_tests
 def test_sigterm_saves_and_the_resumed_run_ends_bit_identical(straight_run, tmp_path, monkeypatch):
   config, straight_state, _, workdir = straight_run
   open_datasets = sources.open_datasets
@@ -113,7 +109,6 @@ def test_sigterm_saves_and_the_resumed_run_ends_bit_identical(straight_run, tmp_
     np.testing.assert_array_equal(getattr(resumed, name), getattr(straight_state, name), err_msg=name)
 
 
-@train_step_tests
 def test_repeated_nonfinite_steps_stop_the_run_with_the_checkpoint_intact(straight_run, tmp_path,
                                                                            monkeypatch):
   config, _, _, _ = straight_run
@@ -185,7 +180,9 @@ def test_fine_tuning_keeps_everything_but_the_class_head(gelan_t_20_classes):
 
 _PROCESS = """
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_cpu_experimental_ynn_fusion_type= --xla_force_host_platform_device_count=1"
+# Unoptimised code generation halves the compilation of the train step; three steps run anyway.
+os.environ["XLA_FLAGS"] = ("--xla_cpu_experimental_ynn_fusion_type= --xla_force_host_platform_device_count=1"
+                           " --xla_backend_optimization_level=0")
 sys.path[:0] = [{repo!r}, {tests!r}]
 import jax
 import numpy as np
@@ -198,11 +195,11 @@ config.train.update(batch_size=2, epochs=1, steps_per_epoch=3)
 config.eval.batch_size = 2
 state, result = train.train(config, {workdir!r})
 assert jax.process_count() == 2 and len(jax.devices()) == 2
+assert set(result.metrics) >= {{"AP", "AP50"}} if jax.process_index() == 0 else True
 np.save({out!r}, np.asarray(jax.device_get(state.params)))
 """
 
 
-@train_step_tests
 def test_two_processes_train_in_lockstep_and_end_with_identical_parameters(straight_run, tmp_path):
   import socket
   import subprocess

@@ -3,9 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import train_step_tests
+from conftest import slow_test
 
-from yolov9_jax import losses
+from yolov9_jax import losses, models
 from yolov9_jax.training import optimizer as optim
 from yolov9_jax.training import sharding, state as train_state, step as train_step_lib
 
@@ -79,59 +79,73 @@ def _step_fn(model, tx, batch_size, recipe=None):
       global_batch_size=batch_size)
 
 
-@train_step_tests
-@pytest.mark.parametrize("shard_state", [False, True], ids=["replicated", "fsdp"])
+@pytest.mark.parametrize("shard_state", [False, pytest.param(True, marks=slow_test)],
+                         ids=["replicated", "fsdp"])
 def test_a_step_sharded_over_8_devices_equals_the_single_device_step(gelan_t_20_classes, shard_state):
-  model, variables = gelan_t_20_classes
+  """Compute in float64: in float32 the two orders of summation in the synchronised BatchNorm's
+  backward pass already differ by 5e-4 of the gradient's scale (measured), which says nothing
+  about the sharding; in float64 they agree to 4e-8 (the float32 rounding of the results)."""
+  _, variables = gelan_t_20_classes
+  model = models.build("gelan-t", num_classes=20, dtype="float64")
   batch = _batch(8, 64)
   tx = optim.make_optimizer(optim.default_config(), 8)
   results = []
-  for devices, sharded in ((jax.devices()[:1], False), (jax.devices(), shard_state)):
-    mesh = sharding.make_mesh(devices)
-    layout = train_state.Layout.of(variables, pad_to=mesh.size if sharded else 1)
-    state = sharding.put_state(train_state.create(variables, layout, tx, accumulate=True), mesh, sharded)
-    if sharded:
-      assert state.params.sharding.shard_shape(state.params.shape)[0] == layout.padded_size // 8
-    step = sharding.jit_train_step(_step_fn(model, tx, 8), state, mesh, sharded)
-    # At iteration 100 (end of warm-up) batch 8 accumulates 8 steps per update: the first step
-    # updates (8 since the last), the second only adds its gradients to the sum.
-    state = state.replace(iteration=jnp.asarray(100), last_update_iteration=jnp.asarray(92))
-    updated = []
-    for _ in range(2):
-      state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
-      updated.append(bool(metrics["updated"]))
-    assert updated == [True, False] and bool(metrics["finite"])
-    results.append((jax.device_get(state), jax.device_get(metrics)))
-  (single, single_metrics), (sharded, sharded_metrics) = results
+  with jax.enable_x64(True):
+    for devices, sharded in ((jax.devices()[:1], False), (jax.devices(), shard_state)):
+      mesh = sharding.make_mesh(devices)
+      layout = train_state.Layout.of(variables, pad_to=mesh.size if sharded else 1)
+      # At iteration 100 (end of warm-up) batch 8 accumulates 8 steps per update: the first step
+      # only adds its gradients to the sum (7 since the last update), the second updates with
+      # the sum of both.
+      state = jax.device_get(train_state.create(variables, layout, tx, accumulate=True))
+      state = state.replace(iteration=np.int32(100), last_update_iteration=np.int32(93))
+      state = sharding.put_state(state, mesh, sharded)
+      if sharded:
+        assert state.params.sharding.shard_shape(state.params.shape)[0] == layout.padded_size // 8
+      step = sharding.jit_train_step(_step_fn(model, tx, 8), state, mesh, sharded)
+      seen = []
+      for _ in range(2):
+        state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+        seen.append((jax.device_get(state.grad_sum), jax.device_get(metrics)))
+      assert [bool(m["updated"]) for _, m in seen] == [False, True] and bool(seen[1][1]["finite"])
+      assert step._cache_size() == 1
+      results.append((jax.device_get(state), seen))
+  (single, single_seen), (sharded, sharded_seen) = results
   size = sum(single.layout.leaf_sizes)
-  np.testing.assert_allclose(sharded_metrics["loss"], single_metrics["loss"], rtol=1e-5)
-  for name in ("params", "batch_stats", "ema_params", "grad_sum"):
+  for (grad_sum, metrics), (single_grad_sum, single_metrics) in zip(sharded_seen, single_seen):
+    for name in ("loss", "box", "cls", "dfl", "grad_norm"):
+      np.testing.assert_allclose(metrics[name], single_metrics[name], rtol=1e-5, err_msg=name)
+  np.testing.assert_allclose(sharded_seen[0][0][:size], single_seen[0][0][:size], rtol=1e-5,
+                             atol=1e-5 * np.abs(single_seen[0][0]).max(), err_msg="gradients")
+  for name in ("params", "batch_stats", "ema_params", "ema_batch_stats"):
     np.testing.assert_allclose(getattr(sharded, name)[:size], getattr(single, name)[:size],
-                               rtol=1e-5, atol=1e-6, err_msg=name)
+                               rtol=1e-5, atol=1e-7, err_msg=name)
   fresh = train_state.create(variables, single.layout, tx, False)
   assert not np.allclose(single.params, fresh.params)
 
 
-@train_step_tests
 def test_a_nonfinite_step_changes_nothing_but_the_counters(gelan_t_20_classes):
-  model, variables = gelan_t_20_classes
-  tx = optim.make_optimizer(optim.default_config(), 8)
-  layout = train_state.Layout.of(variables)
-  mesh = sharding.make_mesh()
-  state = sharding.put_state(train_state.create(variables, layout, tx, accumulate=True), mesh)
-  step = sharding.jit_train_step(_step_fn(model, tx, 8), state, mesh)
-  batch = jax.device_put(_batch(8, 64), sharding.batch_sharding(mesh))
-  good = jax.device_get(state.replace(iteration=jnp.asarray(100), last_update_iteration=jnp.asarray(92)))
-  poisoned = good.replace(params=good.params.at[0].set(np.nan))
-  state, metrics = step(sharding.put_state(poisoned, mesh), batch)
-  after = jax.device_get(state)
-  assert not metrics["finite"] and not metrics["updated"]
-  assert int(after.nonfinite_steps) == 1 and int(after.consecutive_nonfinite) == 1
-  for name in ("batch_stats", "grad_sum", "ema_params", "ema_batch_stats", "last_update_iteration"):
-    np.testing.assert_array_equal(getattr(after, name), getattr(poisoned, name), err_msg=name)
-  np.testing.assert_array_equal(after.params[1:], poisoned.params[1:])
-  assert int(after.iteration) == 101  # the data moves on
-  # The next finite step updates again and resets the run of non-finite steps.
-  state, metrics = step(sharding.put_state(after.replace(params=good.params), mesh), batch)
-  assert metrics["finite"] and metrics["updated"]
-  assert int(state.consecutive_nonfinite) == 0 and int(state.nonfinite_steps) == 1
+  """The same float64 step on 8 devices as the sharded test above: one compilation for both."""
+  _, variables = gelan_t_20_classes
+  model = models.build("gelan-t", num_classes=20, dtype="float64")
+  with jax.enable_x64(True):
+    tx = optim.make_optimizer(optim.default_config(), 8)
+    layout = train_state.Layout.of(variables)
+    mesh = sharding.make_mesh()
+    state = sharding.put_state(train_state.create(variables, layout, tx, accumulate=True), mesh)
+    step = sharding.jit_train_step(_step_fn(model, tx, 8), state, mesh)
+    batch = jax.device_put(_batch(8, 64), sharding.batch_sharding(mesh))
+    good = jax.device_get(state).replace(iteration=np.int32(100), last_update_iteration=np.int32(92))
+    poisoned = good.replace(params=np.concatenate([[np.nan], good.params[1:]]).astype(np.float32))
+    state, metrics = step(sharding.put_state(poisoned, mesh), batch)
+    after = jax.device_get(state)
+    assert not metrics["finite"] and not metrics["updated"]
+    assert int(after.nonfinite_steps) == 1 and int(after.consecutive_nonfinite) == 1
+    for name in ("batch_stats", "grad_sum", "ema_params", "ema_batch_stats", "last_update_iteration"):
+      np.testing.assert_array_equal(getattr(after, name), getattr(poisoned, name), err_msg=name)
+    np.testing.assert_array_equal(after.params[1:], poisoned.params[1:])
+    assert int(after.iteration) == 101  # the data moves on
+    # The next finite step updates again and resets the run of non-finite steps.
+    state, metrics = step(sharding.put_state(after.replace(params=good.params), mesh), batch)
+    assert metrics["finite"] and metrics["updated"]
+    assert int(state.consecutive_nonfinite) == 0 and int(state.nonfinite_steps) == 1
