@@ -195,7 +195,8 @@ config.train.update(batch_size=2, epochs=1, steps_per_epoch=3)
 config.eval.batch_size = 2
 state, result = train.train(config, {workdir!r})
 assert jax.process_count() == 2 and len(jax.devices()) == 2
-assert set(result.metrics) >= {{"AP", "AP50"}} if jax.process_index() == 0 else True
+if jax.process_index() == 0:  # the COCO metrics live on process 0
+  assert set(result.metrics) >= {{"AP", "AP50"}}
 np.save({out!r}, np.asarray(jax.device_get(state.params)))
 """
 

@@ -112,7 +112,7 @@ def test_a_step_sharded_over_8_devices_equals_the_single_device_step(gelan_t_20_
       results.append((jax.device_get(state), seen))
   (single, single_seen), (sharded, sharded_seen) = results
   size = sum(single.layout.leaf_sizes)
-  for (grad_sum, metrics), (single_grad_sum, single_metrics) in zip(sharded_seen, single_seen):
+  for (_, metrics), (_, single_metrics) in zip(sharded_seen, single_seen):
     for name in ("loss", "box", "cls", "dfl", "grad_norm"):
       np.testing.assert_allclose(metrics[name], single_metrics[name], rtol=1e-5, err_msg=name)
   np.testing.assert_allclose(sharded_seen[0][0][:size], single_seen[0][0][:size], rtol=1e-5,
@@ -125,7 +125,7 @@ def test_a_step_sharded_over_8_devices_equals_the_single_device_step(gelan_t_20_
 
 
 def test_a_nonfinite_step_changes_nothing_but_the_counters(gelan_t_20_classes):
-  """The same float64 step on 8 devices as the sharded test above: one compilation for both."""
+  """In float64 on 8 devices, as the sharded-step test above."""
   _, variables = gelan_t_20_classes
   model = models.build("gelan-t", num_classes=20, dtype="float64")
   with jax.enable_x64(True):
