@@ -7,19 +7,14 @@
 Every host of a multi-host job runs the same command with --config.distributed=True. Running the
 same command again resumes from the workdir's latest checkpoint, exactly. SIGTERM saves and exits.
 """
-import importlib.metadata
 import json
-import os
 import pathlib
 import sys
 import time
 
-# XLA:CPU's default YNN fusion makes convolution weight gradients 6-19x slower; the flag exists
-# only where the CPU backend is the one in use, so it is left out when an accelerator plugin is.
-if not any(d.metadata["Name"].startswith(("jax-cuda", "jax_cuda", "libtpu"))
-           for d in importlib.metadata.distributions()):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_cpu_experimental_ynn_fusion_type=").strip()
+from yolov9_jax import xla_flags
+
+xla_flags.use_fast_cpu_convolutions()  # before JAX starts
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -21,24 +21,13 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from input_pipeline import _coco_like
 from jax.sharding import NamedSharding, PartitionSpec
 
-from yolov9_jax import models
+from yolov9_jax import bench, models
 from yolov9_jax.data import coco_format, shapes
 from yolov9_jax.evaluation import evaluator, inference
-
-
-def _random_variables(model_name, num_classes):
-  """Random training variables in the model's layout, drawn in numpy (no compiled init)."""
-  model = models.build(model_name, num_classes=num_classes)
-  shapes_tree = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                  jnp.zeros((1, 32, 32, 3)), train=False))
-  rng = np.random.default_rng(0)
-  return jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32) + (
-      1.0 if len(s.shape) == 1 else 0.0), shapes_tree)
 
 
 def _images_per_second(function, batch, batch_size, repeats):
@@ -69,7 +58,7 @@ def main():
   source = builder.as_data_source(split="validation")
   # The random model predicts the shapes set's 3 classes' ids for every label it has.
   category_ids = [1 + label % 3 for label in range(args.num_classes)]
-  variables = _random_variables(args.model, args.num_classes)
+  variables = bench.random_variables(models.build(args.model, num_classes=args.num_classes))
 
   start = time.perf_counter()
   result = evaluator.evaluate(args.model, variables, source, category_ids,
