@@ -77,13 +77,15 @@ def test_synthetic_batch_is_a_valid_training_batch():
 
 def test_the_command_reports_every_benchmark(tmp_path):
   """``python -m yolov9_jax.bench`` at 64 px, batch 2, one CPU device: one JSON line per
-  benchmark with every field, rates that agree with each other, and the markdown table."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             PYTHONPATH=str(REPO_ROOT))
+  benchmark with every field, rates that agree with each other, a profile of each, and the
+  markdown table."""
+  # -O0 halves the train step's compile time; this test never looks at speed.
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), XLA_FLAGS=(
+      "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"))
   command = [sys.executable, "-m", "yolov9_jax.bench", "--model", "gelan-t", "--image_size", "64",
              "--batch_size", "2", "--num_classes", "3", "--max_boxes", "16", "--steps", "2",
              "--warmup", "1", "--workers", "1", "--peak_tflops", "0.1",
-             "--data_dir", str(tmp_path / "datasets"),
+             "--data_dir", str(tmp_path / "datasets"), "--profile_dir", str(tmp_path / "profile"),
              "--compilation_cache", str(REPO_ROOT / ".cache" / "jax")]
   out = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -106,6 +108,8 @@ def test_the_command_reports_every_benchmark(tmp_path):
   assert 2.5 < train["step_gflops_per_image"] / train["forward_gflops_per_image"] < 5
   assert train["memory_planned_bytes"] > inference["memory_planned_bytes"]
   assert train_pipeline["compile_seconds"] == train["compile_seconds"]  # the same program
+  for name in ("inference", "inference_nms", "train", "train_pipeline"):
+    assert list((tmp_path / "profile" / name).rglob("*.xplane.pb")), name  # a jax.profiler trace
   table = out.stdout.split("\n\n")[-1].strip().splitlines()
   assert table[0].startswith("| benchmark | model |") and len(table) == 2 + len(records)
   assert "| train_pipeline | gelan-t | 2 | 64 | float32 | cpu |" in table[-1]

@@ -13,7 +13,7 @@ Benchmarks (``--benchmarks``, comma-separated):
   on a uint8 batch already on the devices, as the official speed numbers count it.
 - ``inference_nms``: the same with NMS on the device (the evaluation's detector).
 
-Each prints one JSON line as it finishes; a markdown table of all of them follows. Fields:
+Each prints one JSON line as it finishes (``--profile_dir`` also traces its timed steps); a markdown table of all of them follows. Fields:
 ``compile_seconds`` (lower + compile, or a persistent-cache hit), ``seconds_per_step`` (mean over
 ``--steps`` timed steps after ``--warmup``), ``images_per_second``, ``memory_planned_bytes``
 (XLA's buffer plan of the compiled program: arguments + outputs + temporaries - aliased),
@@ -139,16 +139,27 @@ def compiled_gflops(compiled):
   return None if not analysis or "flops" not in analysis else analysis["flops"] / 1e9
 
 
-def timed_steps(run_step, steps, warmup):
-  """Seconds per step of ``run_step()`` (which returns something to wait on), after ``warmup``."""
+def timed_steps(run_step, steps, warmup, profile_dir=None):
+  """Seconds per step of ``run_step()`` (which returns something to wait on), after ``warmup``.
+  With ``profile_dir``, the timed steps are also traced there (``jax.profiler``: open it with
+  TensorBoard's profile plugin or Perfetto)."""
   for _ in range(warmup):
     jax.block_until_ready(run_step())
+  if profile_dir:
+    jax.profiler.start_trace(str(profile_dir))
   start = time.perf_counter()
   out = None
   for _ in range(steps):
     out = run_step()
   jax.block_until_ready(out)
-  return (time.perf_counter() - start) / steps
+  seconds = (time.perf_counter() - start) / steps
+  if profile_dir:
+    jax.profiler.stop_trace()
+  return seconds
+
+
+def profile_dir(args, benchmark):
+  return pathlib.Path(args.profile_dir) / benchmark if args.profile_dir else None
 
 
 class TrainBench:
@@ -201,11 +212,13 @@ def bench_train(args, mesh, with_pipeline):
             "official_gflops_per_image": official_gflops(args.model, args.image_size, False),
             "step_gflops_per_image": None if bench.step_gflops is None else
             bench.step_gflops / args.batch_size, "model_flops_per_image": 3 * forward * 1e9}
-  seconds = timed_steps(lambda: bench.step(bench.batch), args.steps, args.warmup)
+  seconds = timed_steps(lambda: bench.step(bench.batch), args.steps, args.warmup,
+                        profile_dir(args, "train"))
   yield {"benchmark": "train", "seconds_per_step": seconds, **common, **memory_fields(bench.compiled)}
   if with_pipeline:
     batches = bench.shapes_batches()
-    seconds = timed_steps(lambda: bench.step(next(batches)), args.steps, args.warmup)
+    seconds = timed_steps(lambda: bench.step(next(batches)), args.steps, args.warmup,
+                          profile_dir(args, "train_pipeline"))
     yield {"benchmark": "train_pipeline", "seconds_per_step": seconds, **common,
            **memory_fields(bench.compiled)}
 
@@ -227,10 +240,12 @@ def bench_inference(args, mesh, with_nms):
   start = time.perf_counter()
   compiled = detect.lower(fused_variables, images).compile()
   compile_seconds = time.perf_counter() - start
-  seconds = timed_steps(lambda: compiled(fused_variables, images), args.steps, args.warmup)
+  name = "inference_nms" if with_nms else "inference"
+  seconds = timed_steps(lambda: compiled(fused_variables, images), args.steps, args.warmup,
+                        profile_dir(args, name))
   forward = forward_gflops(args.model, args.num_classes, args.image_size, fused=True)
   step_gflops = compiled_gflops(compiled)
-  return {"benchmark": "inference_nms" if with_nms else "inference", "seconds_per_step": seconds,
+  return {"benchmark": name, "seconds_per_step": seconds,
           "compile_seconds": compile_seconds, "forward_gflops_per_image": forward,
           "official_gflops_per_image": official_gflops(args.model, args.image_size, True),
           "step_gflops_per_image": None if step_gflops is None else step_gflops / args.batch_size,
@@ -298,6 +313,8 @@ def parse_args(argv=None):
                       help="where train_pipeline generates its shapes set (reused)")
   parser.add_argument("--peak_tflops", type=float, default=None,
                       help="the device's peak for MFU where PEAK_TFLOPS does not know it (CPUs)")
+  parser.add_argument("--profile_dir", default="",
+                      help="trace the timed steps with jax.profiler into DIR/<benchmark>")
   parser.add_argument("--compilation_cache", default=".cache/jax",
                       help="persistent compilation cache directory ('' for none)")
   args = parser.parse_args(argv)
