@@ -160,10 +160,8 @@ def train(config, workdir):
         batch_size=config.eval.batch_size, ground_truth=data.eval_annotations or None, mesh=mesh,
         conf_threshold=config.eval.conf_threshold, iou_threshold=config.eval.iou_threshold,
         max_det=config.eval.max_det, dtype=config.model.dtype, progress=is_main_process)
-    # The COCO score exists on process 0; every process takes part in the best-checkpoint save.
-    fitness = 0.1 * result.metrics["AP50"] + 0.9 * result.metrics["AP"] if is_main_process else 0.0
-    if jax.process_count() > 1:
-      fitness = float(multihost_utils.broadcast_one_to_all(np.float32(fitness)))
+    # The same on every process (the evaluator shares its metrics), so all save the best together.
+    fitness = 0.1 * result.metrics["AP50"] + 0.9 * result.metrics["AP"]
     log_scalars(writer, jsonl, step, {f"eval/{k}": v for k, v in result.metrics.items() if k != "table"})
     log_eval_images(writer, step, result, data.eval, data.category_ids, data.class_names,
                     config.eval.num_images_logged)

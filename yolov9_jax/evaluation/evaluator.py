@@ -38,8 +38,8 @@ CONFUSION_IOU_THRESHOLD = 0.45
 
 @dataclasses.dataclass
 class EvalResult:
-  """What an evaluation measured. ``metrics`` and the per-class fields are filled on process 0
-  only (other processes of a multi-process job get empty ones)."""
+  """What an evaluation measured. ``metrics`` are on every process; the per-class fields are
+  filled on process 0 only (other processes of a multi-process job get empty ones)."""
   metrics: dict               # coco_metrics.STAT_NAMES -> float, and "table" (pycocotools' printout)
   results: list               # COCO result dicts, boxes in original pixels (all processes')
   class_names: list           # in label order
@@ -296,15 +296,20 @@ def evaluate(model_name, variables, source, category_ids, *, class_names=None, i
                 images_per_second=len(image_ids) / max(seconds, 1e-9),
                 compile_seconds=compile_seconds,
                 candidates_dropped=sum(part[2] for part in gathered))
-  if jax.process_index() != 0:
-    return EvalResult(metrics={}, per_class_ap={}, pr_recall=np.linspace(0, 1, 101),
+  scored = None
+  if jax.process_index() == 0:  # one COCO evaluation, on process 0
+    if ground_truth is None:
+      images_hw = {k: v for part in gathered for k, v in part[3][0].items()}
+      objects = {k: v for part in gathered for k, v in part[3][1].items()}
+      ground_truth = ground_truth_from_examples(images_hw, objects, category_ids, class_names)
+    scored = score(results, image_ids, ground_truth, category_ids, class_names)
+  # Every process gets the metrics: callers decide on them together (e.g. the best checkpoint).
+  metrics = _gather_to_all(None if scored is None else scored["metrics"])[0]
+  if scored is None:
+    return EvalResult(metrics=metrics, per_class_ap={}, pr_recall=np.linspace(0, 1, 101),
                       pr_precision=np.zeros((0, 101)), confusion_matrix=np.zeros((0, 0), np.int64),
                       **common)
-  if ground_truth is None:
-    images_hw = {k: v for part in gathered for k, v in part[3][0].items()}
-    objects = {k: v for part in gathered for k, v in part[3][1].items()}
-    ground_truth = ground_truth_from_examples(images_hw, objects, category_ids, class_names)
-  return EvalResult(**score(results, image_ids, ground_truth, category_ids, class_names), **common)
+  return EvalResult(**scored, **common)
 
 
 def detections_to_results(detections, batch, category_ids):
