@@ -66,6 +66,16 @@ def test_bad_settings_are_refused(argv, message, capsys):
   assert message in capsys.readouterr().err
 
 
+def test_a_program_larger_than_the_host_memory_is_refused_on_cpu():
+  def compiled(temp_bytes):
+    analysis = types.SimpleNamespace(argument_size_in_bytes=0, output_size_in_bytes=0,
+                                     alias_size_in_bytes=0, temp_size_in_bytes=temp_bytes)
+    return types.SimpleNamespace(memory_analysis=lambda: analysis)
+  bench.check_fits_in_host_memory(compiled(2**20), "the train step")  # 1 MiB: fine
+  with pytest.raises(SystemExit, match="the train step needs 65536.0 GiB .* lower --batch_size"):
+    bench.check_fits_in_host_memory(compiled(2**46), "the train step")
+
+
 def test_synthetic_batch_is_a_valid_training_batch():
   batch = bench.synthetic_batch(3, 64, max_boxes=10, boxes_per_image=4, num_classes=5)
   assert batch["images"].shape == (3, 64, 64, 3) and batch["images"].dtype.name == "uint8"

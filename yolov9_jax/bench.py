@@ -13,7 +13,7 @@ Benchmarks (``--benchmarks``, comma-separated):
   on a uint8 batch already on the devices, as the official speed numbers count it.
 - ``inference_nms``: the same with NMS on the device (the evaluation's detector).
 
-Each prints one JSON line as it finishes (``--profile_dir`` also traces its timed steps); a markdown table of all of them follows. Fields:
+One process, all its devices (a GPU box or one TPU host). Each prints one JSON line as it finishes (``--profile_dir`` also traces its timed steps); a markdown table of all of them follows. Fields:
 ``compile_seconds`` (lower + compile, or a persistent-cache hit), ``seconds_per_step`` (mean over
 ``--steps`` timed steps after ``--warmup``), ``images_per_second``, ``memory_planned_bytes``
 (XLA's buffer plan of the compiled program: arguments + outputs + temporaries - aliased),
@@ -31,6 +31,7 @@ xla_flags.use_fast_cpu_convolutions()  # before JAX starts
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
@@ -132,6 +133,18 @@ def memory_fields(compiled):
   return {"memory_planned_bytes": planned, "peak_memory_bytes": stats.get("peak_bytes_in_use")}
 
 
+def check_fits_in_host_memory(compiled, what):
+  """On the CPU backend, device memory is host memory: refuse a program whose planned buffers
+  exceed the memory available now, instead of letting the kernel kill the process mid-run."""
+  planned = memory_fields(compiled)["memory_planned_bytes"]
+  if jax.default_backend() != "cpu" or planned is None:
+    return
+  available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  if planned > available:
+    raise SystemExit(f"{what} needs {planned / 2**30:.1f} GiB (XLA's plan) and this machine has "
+                     f"{available / 2**30:.1f} GiB available: lower --batch_size or --image_size")
+
+
 def compiled_gflops(compiled):
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
@@ -187,6 +200,7 @@ class TrainBench:
     start = time.perf_counter()
     self.compiled = jitted.lower(self.state, self.batch).compile()
     self.compile_seconds = time.perf_counter() - start
+    check_fits_in_host_memory(self.compiled, "the train step")
     self.step_gflops = compiled_gflops(self.compiled)
 
   def step(self, batch):
@@ -241,6 +255,7 @@ def bench_inference(args, mesh, with_nms):
   compiled = detect.lower(fused_variables, images).compile()
   compile_seconds = time.perf_counter() - start
   name = "inference_nms" if with_nms else "inference"
+  check_fits_in_host_memory(compiled, name)
   seconds = timed_steps(lambda: compiled(fused_variables, images), args.steps, args.warmup,
                         profile_dir(args, name))
   forward = forward_gflops(args.model, args.num_classes, args.image_size, fused=True)
