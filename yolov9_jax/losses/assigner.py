@@ -48,8 +48,11 @@ def assign(class_scores, pred_boxes_xyxy_px, anchor_points_px, gt_classes, gt_bo
   metric = gt_class_scores ** alpha * overlaps ** beta
 
   # Candidates: anchor centre strictly inside the box, among the box's top-k by metric.
-  distances = boxes.boxes_to_distances(anchor_points_px[None, None], gt_boxes_xyxy_px[:, :, None, :])
-  inside = jnp.min(distances, axis=-1) > eps
+  # (The official min of the four centre-to-side distances > eps, without a (B, M, A, 4) array.)
+  anchor_x, anchor_y = anchor_points_px[:, 0], anchor_points_px[:, 1]
+  x1, y1, x2, y2 = (gt_boxes_xyxy_px[:, :, i, None] for i in range(4))
+  inside = ((anchor_x - x1 > eps) & (anchor_y - y1 > eps) & (x2 - anchor_x > eps) &
+            (y2 - anchor_y > eps))
   # Ties (equal metrics, typically exact zeros: CIoU clamped at 0, or anchors outside the box) are
   # broken towards lower anchor indices; torch.topk breaks them in an unspecified order. A tied
   # in-box anchor becomes a positive with target score 0, which weighs nothing in any loss term.
