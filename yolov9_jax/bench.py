@@ -145,11 +145,12 @@ def check_fits_in_host_memory(compiled, what):
                      f"{available / 2**30:.1f} GiB available: lower --batch_size or --image_size")
 
 
-def compiled_gflops(compiled):
+def compiled_gflops_per_image(compiled, batch_size):
+  """XLA's FLOP count of the whole compiled program, per image (None where XLA gives none)."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
     analysis = analysis[0] if analysis else None
-  return None if not analysis or "flops" not in analysis else analysis["flops"] / 1e9
+  return None if not analysis or "flops" not in analysis else analysis["flops"] / 1e9 / batch_size
 
 
 def timed_steps(run_step, steps, warmup, profile_dir=None):
@@ -201,7 +202,7 @@ class TrainBench:
     self.compiled = jitted.lower(self.state, self.batch).compile()
     self.compile_seconds = time.perf_counter() - start
     check_fits_in_host_memory(self.compiled, "the train step")
-    self.step_gflops = compiled_gflops(self.compiled)
+    self.step_gflops_per_image = compiled_gflops_per_image(self.compiled, args.batch_size)
 
   def step(self, batch):
     self.state, metrics = self.compiled(self.state, batch)
@@ -224,8 +225,8 @@ def bench_train(args, mesh, with_pipeline):
   forward = forward_gflops(args.model, args.num_classes, args.image_size, fused=False)
   common = {"compile_seconds": bench.compile_seconds, "forward_gflops_per_image": forward,
             "official_gflops_per_image": official_gflops(args.model, args.image_size, False),
-            "step_gflops_per_image": None if bench.step_gflops is None else
-            bench.step_gflops / args.batch_size, "model_flops_per_image": 3 * forward * 1e9}
+            "step_gflops_per_image": bench.step_gflops_per_image,
+            "model_flops_per_image": 3 * forward * 1e9}
   seconds = timed_steps(lambda: bench.step(bench.batch), args.steps, args.warmup,
                         profile_dir(args, "train"))
   yield {"benchmark": "train", "seconds_per_step": seconds, **common, **memory_fields(bench.compiled)}
@@ -259,11 +260,10 @@ def bench_inference(args, mesh, with_nms):
   seconds = timed_steps(lambda: compiled(fused_variables, images), args.steps, args.warmup,
                         profile_dir(args, name))
   forward = forward_gflops(args.model, args.num_classes, args.image_size, fused=True)
-  step_gflops = compiled_gflops(compiled)
   return {"benchmark": name, "seconds_per_step": seconds,
           "compile_seconds": compile_seconds, "forward_gflops_per_image": forward,
           "official_gflops_per_image": official_gflops(args.model, args.image_size, True),
-          "step_gflops_per_image": None if step_gflops is None else step_gflops / args.batch_size,
+          "step_gflops_per_image": compiled_gflops_per_image(compiled, args.batch_size),
           "model_flops_per_image": forward * 1e9, **memory_fields(compiled)}
 
 
