@@ -75,11 +75,16 @@ def peak_tflops(device, override=None):
   return next((value for kind, value in PEAK_TFLOPS.items() if kind in device.device_kind), None)
 
 
+def variable_shapes(model):
+  """``model``'s variables as ShapeDtypeStructs (traced, never computed)."""
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                           train=False))
+
+
 def random_variables(model, seed=0):
   """Training variables {"params", "batch_stats"} in ``model``'s layout, drawn in numpy (no
   compiled init: speed does not depend on the values)."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                             train=False))
+  shapes = variable_shapes(model)
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32) + (
       1.0 if len(s.shape) == 1 else 0.0), shapes)
@@ -94,8 +99,7 @@ def forward_gflops(model_name, num_classes, image_size, fused):
     model_name = inference.gelan_counterpart(model_name)
   model = models.build(model_name, num_classes=num_classes, fused=fused)
   image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                                train=False))
+  variables = variable_shapes(model)
   if fused:
     forward = lambda v, x: model.apply(v, x, train=False)
   else:
