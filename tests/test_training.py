@@ -1,41 +1,109 @@
 """The official recipe's schedule, the train step, and its sharding over simulated devices."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import slow_test
+from conftest import REPO_ROOT, slow_test
 
 from yolov9_jax import losses, models
 from yolov9_jax.training import optimizer as optim
 from yolov9_jax.training import sharding, state as train_state, step as train_step_lib
 
 
-def _official_lr_momentum(ni, nb, epochs, batch, lr0=0.01, lrf=0.01):
-  """FACTS.md §6.4 written out as the official loop does it, with numpy."""
-  epoch = ni // nb
-  lf = (1 - epoch / epochs) * (1.0 - lrf) + lrf
-  nw = max(round(3.0 * nb), 100)
-  lrs = [lr0 * lf] * 3  # bias, weights, BN gamma
-  momentum, accumulate = 0.937, max(round(64 / batch), 1)
-  if ni <= nw:
-    accumulate = max(1, np.interp(ni, [0, nw], [1, 64 / batch]).round())
-    lrs = [np.interp(ni, [0, nw], [0.1 if j == 0 else 0.0, lr0 * lf]) for j in range(3)]
-    momentum = np.interp(ni, [0, nw], [0.8, 0.937])
-  return lrs[0], lrs[1], momentum, accumulate
+class _OfficialLoop:
+  """The official train.py / train_dual.py schedule, transcribed from its loop (FACTS.md §6.4)
+  with numpy: LambdaLR semantics (at construction the scheduler steps once to last_epoch 0 and
+  sets lr = initial_lr lf(0); the trainer then sets ``last_epoch = start_epoch - 1`` and steps it
+  after every epoch), the warm-up ``if ni <= nw`` with np.interp per parameter group, and the
+  optimizer step when ``ni - last_opt_step >= accumulate``."""
+
+  def __init__(self, nb, epochs, batch, lr0, lrf=0.01, nbs=64, warmup_floor=100):
+    self.nb, self.epochs, self.batch, self.nbs = nb, epochs, batch, nbs
+    self.lf = lambda x: (1 - x / epochs) * (1.0 - lrf) + lrf
+    self.initial_lr = [lr0] * 3                                  # groups: biases, weights, BN gammas
+    self.lr = [initial * self.lf(0) for initial in self.initial_lr]  # LambdaLR's first step
+    self.momentum = 0.937
+    self.nw = max(round(3.0 * nb), warmup_floor)
+
+  def run(self):
+    """Per iteration: (lr of groups 0, 1, 2, momentum, accumulate, optimizer stepped)."""
+    last_epoch = -1  # scheduler.last_epoch = start_epoch - 1
+    accumulate, last_opt_step, rows = max(round(self.nbs / self.batch), 1), -1, []
+    for epoch in range(self.epochs):
+      for i in range(self.nb):
+        ni = i + self.nb * epoch
+        if ni <= self.nw:
+          xi = [0, self.nw]
+          accumulate = max(1, np.interp(ni, xi, [1, self.nbs / self.batch]).round())
+          self.lr = [np.interp(ni, xi, [0.1 if j == 0 else 0.0, initial * self.lf(epoch)])
+                     for j, initial in enumerate(self.initial_lr)]
+          self.momentum = np.interp(ni, xi, [0.8, 0.937])
+        stepped = ni - last_opt_step >= accumulate
+        if stepped:
+          last_opt_step = ni
+        rows.append((*self.lr, self.momentum, accumulate, stepped))
+      last_epoch += 1  # scheduler.step()
+      self.lr = [initial * self.lf(last_epoch) for initial in self.initial_lr]
+    return np.array(rows, np.float64)
 
 
-@pytest.mark.parametrize("batch", [16, 64, 128])
-def test_schedule_equals_the_official_formulas(batch):
+RECIPES = {  # name: (batches per epoch, epochs, global batch, lr0, nominal batch, warm-up floor)
+    "demo": (64, 16, 8, 0.02, 8, 0),          # configs/shapes_demo.py
+    "coco": (1849, 500, 64, 0.01, 64, 100),   # configs/coco.py: COCO train2017 at batch 64
+    "coco_batch16": (7393, 8, 16, 0.01, 64, 100),  # accumulation ramps 1 -> 4 in the warm-up
+    "short": (30, 30, 32, 0.01, 64, 100),     # the 100-iteration floor: nw = 100, mid-epoch 3
+}
+
+
+@pytest.mark.parametrize("recipe_name", sorted(RECIPES))
+def test_schedule_equals_the_official_loop_at_every_iteration(recipe_name):
+  nb, epochs, batch, lr0, nbs, floor = RECIPES[recipe_name]
+  official = _OfficialLoop(nb, epochs, batch, lr0, nbs=nbs, warmup_floor=floor).run()
   recipe = optim.default_config()
-  nb, epochs = 50, 20  # warm-up: max(150, 100) iterations
-  for ni in [0, 1, 37, 99, 100, 149, 150, 151, 499, 500, 999]:
-    got = optim.hyperparameters(ni, recipe, nb, epochs, batch)
-    lr_bias, lr_weights, momentum, accumulate = _official_lr_momentum(ni, nb, epochs, batch)
-    np.testing.assert_allclose(float(got["lr_bias"]), lr_bias, rtol=1e-6, err_msg=str(ni))
-    np.testing.assert_allclose(float(got["lr_weights"]), lr_weights, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(float(got["momentum"]), momentum, rtol=1e-6)
-    assert int(got["accumulate"]) == accumulate, (ni, batch)
-  assert optim.scaled_weight_decay(recipe, batch) == {16: 5e-4, 64: 5e-4, 128: 1e-3}[batch]
+  recipe.update(lr0=lr0, nominal_batch_size=nbs, warmup_min_iterations=floor)
+  iterations = np.arange(nb * epochs)
+  got = jax.device_get(optim.hyperparameters(iterations, recipe, nb, epochs, batch))
+  for column, name in enumerate(("lr_bias", "lr_weights", "lr_weights", "momentum")):
+    np.testing.assert_allclose(got[name], official[:, column], rtol=2e-6, atol=1e-9, err_msg=name)
+  np.testing.assert_array_equal(got["accumulate"], official[:, 4])
+  # The update decisions of the train step (optim.update_due) over the whole run.
+  last_update, updated = -1, []
+  for iteration, accumulate in zip(iterations, got["accumulate"]):
+    updated.append(bool(optim.update_due(iteration, last_update, accumulate)))
+    last_update = iteration if updated[-1] else last_update
+  np.testing.assert_array_equal(updated, official[:, 5].astype(bool))
+  # Resume at any step: the schedule is a function of the iteration alone.
+  for start in (1, nb - 1, 3 * nb + 7, len(iterations) - 3):
+    resumed = optim.hyperparameters(np.arange(start, start + 3), recipe, nb, epochs, batch)
+    np.testing.assert_array_equal(jax.device_get(resumed["lr_weights"]),
+                                  got["lr_weights"][start:start + 3])
+
+
+def test_the_demo_logs_the_official_learning_rates():
+  """The official results.csv of the demo recipe (16 epochs, lr0 0.02, nw = 192 = 3 x 64) logs
+  0.016287 at epochs 3 and 4, 0.01505 at epoch 5, ..., 0.002675 at the last epoch 15 (the
+  learning rate of each epoch's last iteration). train.py logs the step's learning rate every
+  16 steps, so step 64 (e + 1) carries epoch e's last iteration."""
+  from configs import shapes_demo
+  config = shapes_demo.get_config()
+  nb = config.data.shapes.num_train // config.train.batch_size
+  epochs = config.train.epochs
+  last_of_epoch = np.arange(1, epochs + 1) * nb - 1
+  lrs = jax.device_get(optim.hyperparameters(last_of_epoch, config.optimizer, nb, epochs,
+                                             config.train.batch_size))["lr_weights"]
+  official = {3: 0.016287, 4: 0.016287, 5: 0.01505, 15: 0.002675}
+  for epoch, lr in official.items():
+    assert abs(lrs[epoch] - lr) < 6e-7, (epoch, lrs[epoch], lr)
+  demo_log = REPO_ROOT / "runs" / "shapes_demo" / "metrics.jsonl"
+  if demo_log.exists():  # CI runs the demo before the tests: its log says the same
+    rows = [json.loads(line) for line in demo_log.read_text().splitlines()]
+    logged = {row["step"]: row["train/lr"] for row in rows if "train/lr" in row}
+    for epoch in range(epochs):
+      if (epoch + 1) * nb in logged:
+        np.testing.assert_allclose(logged[(epoch + 1) * nb], lrs[epoch], rtol=1e-6,
+                                   err_msg=f"{demo_log} (from another version? delete it)")
 
 
 def test_sgd_update_is_pytorch_nesterov_with_coupled_decay_and_group_lrs():

@@ -40,28 +40,47 @@ def scaled_weight_decay(config, global_batch_size):
 
 
 def warmup_iterations(config, steps_per_epoch):
+  """The official nw: max(round(warmup_epochs x batches per epoch), the 100-iteration floor)."""
   return max(round(config.warmup_epochs * steps_per_epoch), config.warmup_min_iterations)
 
 
-def hyperparameters(iteration, config, steps_per_epoch, total_epochs, global_batch_size):
-  """Learning rates, momentum and the accumulation count at ``iteration`` (jnp or numpy int).
+def linear_factor(epoch, config, total_epochs):
+  """The official lf(e) = (1 - e / E)(1 - lrf) + lrf."""
+  return (1 - epoch / total_epochs) * (1 - config.lrf) + config.lrf
 
-  Returns dict(lr_bias, lr_weights, momentum, accumulate): the linear factor
-  lf(e) = (1 - e / E)(1 - lrf) + lrf of the epoch e, and during the first warm-up iterations a
-  linear ramp from (warmup_bias_lr for biases, 0 for the rest, warmup_momentum, 1 image batch per
-  update) to (lr0 lf(e), lr0 lf(e), momentum, 64 / batch).
+
+def hyperparameters(iteration, config, steps_per_epoch, total_epochs, global_batch_size):
+  """Learning rates, momentum and the accumulation count at ``iteration`` (int or int array),
+  exactly as the official loop sets them (FACTS.md §6.4).
+
+  Returns dict(lr_bias, lr_weights, momentum, accumulate). Iterations 0..nw (nw included, the
+  official ``if ni <= nw``) are the warm-up: a linear ramp over [0, nw] from (warmup_bias_lr for
+  biases, 0 for the other groups, warmup_momentum, 1 step per update) to (lr0 lf(e), lr0 lf(e),
+  momentum, 64 / batch) with e the iteration's epoch. After it the official LambdaLR runs one
+  epoch late (``last_epoch = start_epoch - 1``, stepped after each epoch): the rest of the epoch
+  w that holds nw keeps the warm-up's last value lr0 lf(w), and every later epoch e trains at
+  lr0 lf(e - 1). A pure function of the iteration, so a run resumed at any step continues exactly.
   """
-  iteration = jnp.asarray(iteration, jnp.float32)
-  epoch = jnp.floor(iteration / steps_per_epoch)
-  lr = config.lr0 * ((1 - epoch / total_epochs) * (1 - config.lrf) + config.lrf)
+  iteration = jnp.asarray(iteration, jnp.int32)
+  epoch = iteration // steps_per_epoch
   warmup = warmup_iterations(config, steps_per_epoch)
-  fraction = jnp.clip(iteration / warmup, 0.0, 1.0)
   in_warmup = iteration <= warmup
+  lr_epoch = jnp.where(in_warmup, epoch, jnp.maximum(epoch - 1, warmup // steps_per_epoch))
+  lr = config.lr0 * linear_factor(lr_epoch.astype(jnp.float32), config, total_epochs)
+  fraction = (jnp.clip(iteration.astype(jnp.float32) / warmup, 0.0, 1.0) if warmup > 0
+              else jnp.ones_like(lr))
   ramp = lambda start, end: jnp.where(in_warmup, start + (end - start) * fraction, end)
+  # np.interp(...).round() as the official code: halves to even, as jnp.round.
   accumulate = jnp.maximum(jnp.round(ramp(1.0, config.nominal_batch_size / global_batch_size)), 1.0)
   return dict(lr_bias=ramp(config.warmup_bias_lr, lr), lr_weights=ramp(0.0, lr),
               momentum=ramp(config.warmup_momentum, config.momentum),
               accumulate=accumulate.astype(jnp.int32))
+
+
+def update_due(iteration, last_update_iteration, accumulate):
+  """The official ``ni - last_opt_step >= accumulate``: this step's summed gradients update the
+  weights (``last_update_iteration`` is -1 before the first update)."""
+  return iteration - last_update_iteration >= accumulate
 
 
 def make_optimizer(config, global_batch_size):

@@ -32,7 +32,8 @@ def train_step(state, batch, *, model, tx, num_classes, loss_config, recipe, ste
   hyper = optim.hyperparameters(state.iteration, recipe, steps_per_epoch, total_epochs,
                                 global_batch_size)
   grad_sum = grads if state.grad_sum is None else state.grad_sum + grads
-  update_due = finite & (state.iteration - state.last_update_iteration >= hyper["accumulate"])
+  update_due = finite & optim.update_due(state.iteration, state.last_update_iteration,
+                                          hyper["accumulate"])
 
   updates, opt_state = tx.update(grad_sum, optim.with_momentum(state.opt_state, hyper["momentum"]),
                                  (state.params, state.kernel_mask))
