@@ -33,6 +33,10 @@ flags.DEFINE_string("annotations", None, "COCO instances JSON of the split (offi
 flags.DEFINE_integer("image_size", 640, "letterbox side, a multiple of 32", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 32, "global batch, divisible by the number of devices",
                      flag_values=FLAGS)
+flags.DEFINE_boolean("rectangular", True, "the official batches: sorted by aspect ratio, each "
+                     "padded to its own rectangle (up to image_size + 32), one compilation per "
+                     "batch shape; --norectangular: image_size squares (one compilation, faster)",
+                     flag_values=FLAGS)
 flags.DEFINE_string("out_dir", "runs/eval", "where the results are written", flag_values=FLAGS)
 flags.DEFINE_boolean("help", False, "show this help", flag_values=FLAGS)
 REQUIRED = ("model", "weights", "data_dir", "dataset")
@@ -82,13 +86,15 @@ def main(argv):
     raise FileNotFoundError(f"annotations file {annotations} does not exist")
   result = evaluator.evaluate(FLAGS.model, variables, source, category_ids,
                               class_names=class_names, image_size=FLAGS.image_size,
-                              batch_size=FLAGS.batch_size, ground_truth=annotations)
+                              batch_size=FLAGS.batch_size, ground_truth=annotations,
+                              rectangular=FLAGS.rectangular)
   out_dir = pathlib.Path(FLAGS.out_dir).expanduser()
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "predictions.json").write_text(json.dumps(result.results))
   (out_dir / "metrics.json").write_text(json.dumps(
       {**{k: v for k, v in result.metrics.items() if k != "table"}, "images": result.images,
-       "images_per_second": result.images_per_second,
+       "images_per_second": result.images_per_second, "rectangular": FLAGS.rectangular,
+       "batch_shapes_hw": [list(shape) for shape in result.batch_shapes],
        "candidates_dropped": result.candidates_dropped}, indent=1))
   with open(out_dir / "per_class_ap.csv", "w", newline="") as file:
     writer = csv.writer(file)
@@ -100,7 +106,8 @@ def main(argv):
   print(result.metrics["table"])
   print(_per_class_table(result.per_class_ap))
   print(f"{result.images} images, {result.images_per_second:.1f} images/s "
-        f"(pipeline + network + NMS; compilation {result.compile_seconds:.1f} s); "
+        f"(pipeline + network + NMS; {len(result.batch_shapes)} batch shapes compiled in "
+        f"{result.compile_seconds:.1f} s); "
         f"NMS candidates over the cap: {result.candidates_dropped}")
   print(f"wrote {out_dir}")
   return result

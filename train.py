@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from yolov9_jax import models  # noqa: E402
-from yolov9_jax.data import pipeline, sources, visualize  # noqa: E402
+from yolov9_jax.data import eval_batches, pipeline, sources, visualize  # noqa: E402
 from yolov9_jax.evaluation import evaluator  # noqa: E402
 from yolov9_jax.training import checkpoint, config_checks, sharding  # noqa: E402
 from yolov9_jax.training import optimizer as optim  # noqa: E402
@@ -80,7 +80,7 @@ def log_eval_images(writer, step, result, source, category_ids, class_names, cou
   images = []
   for index in range(min(count, len(source))):
     example = source[index]
-    image_id = int(example["image_id"] if "image_id" in example else example["image/id"])
+    image_id = eval_batches.example_image_id(example)
     found = [r for r in result.results if r["image_id"] == image_id and r["score"] >= 0.25]
     boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in found)]).reshape(-1, 4)
     labels = [label_of[r["category_id"]] for r in found]
@@ -152,14 +152,20 @@ def train(config, workdir):
     return {"config": config.to_dict(), "best_fitness": best_fitness,
             "pipeline_counters": vars(train_data.counters), "class_names": data.class_names}
 
+  eval_images_hw = None  # read once, at the first evaluation (the rectangles need the sizes)
+
   def run_evaluation(step):
-    nonlocal best_fitness
+    nonlocal best_fitness, eval_images_hw
+    if config.eval.rectangular and eval_images_hw is None:
+      eval_images_hw = evaluator.images_hw(data.eval)
     result = evaluator.evaluate(
         config.model.name, jax.device_get(state.ema_variables()), data.eval, data.category_ids,
         class_names=data.class_names, image_size=config.augment.image_size,
         batch_size=config.eval.batch_size, ground_truth=data.eval_annotations or None, mesh=mesh,
         conf_threshold=config.eval.conf_threshold, iou_threshold=config.eval.iou_threshold,
-        max_det=config.eval.max_det, dtype=config.model.dtype, progress=is_main_process)
+        max_det=config.eval.max_det, dtype=config.model.dtype,
+        rectangular=config.eval.rectangular, source_images_hw=eval_images_hw,
+        progress=is_main_process)
     # The same on every process (the evaluator shares its metrics), so all save the best together.
     fitness = 0.1 * result.metrics["AP50"] + 0.9 * result.metrics["AP"]
     log_scalars(writer, jsonl, step, {f"eval/{k}": v for k, v in result.metrics.items() if k != "table"})

@@ -17,7 +17,7 @@ import time
 
 from PIL import Image
 
-from yolov9_jax.data import coco_format, pipeline, shapes
+from yolov9_jax.data import coco_format, eval_batches, pipeline, shapes
 
 
 def _measure(make_batches, count, images_per_batch):
@@ -89,11 +89,13 @@ def main():
       "train_mosaic_ram_cache": train_mosaic(cache_images=True),
   }
 
-  def eval_batches():
+  def square_eval_batches():  # the square letterbox (the rectangles differ by shape only)
+    plan = eval_batches.make_plan(np.zeros((len(source), 2)), args.batch_size, 640,
+                                  rectangular=False)
     while True:
-      yield from pipeline.eval_batches(source, args.batch_size, 640, process_index=0, process_count=1)
+      yield from eval_batches.batches(source, plan)
 
-  results["eval_letterbox"] = _measure(eval_batches, args.batches, args.batch_size)
+  results["eval_letterbox"] = _measure(square_eval_batches, args.batches, args.batch_size)
   print(json.dumps(results))
 
 

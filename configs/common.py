@@ -49,6 +49,8 @@ def base() -> ml_collections.ConfigDict:
       every_epochs=10,      # and after the last epoch
       batch_size=64,
       conf_threshold=0.001, iou_threshold=0.7, max_det=300,  # the official val.py protocol
+      rectangular=True,     # the official batches sorted by aspect ratio, one compilation per
+                            # shape; False: image_size squares (one compilation, faster)
       num_images_logged=8,  # validation images with predicted boxes in TensorBoard
   ))
   return config

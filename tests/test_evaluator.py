@@ -14,7 +14,7 @@ from conftest import REPO_ROOT
 from jax.sharding import Mesh
 from PIL import Image
 
-from yolov9_jax.data import coco_format, pipeline, shapes
+from yolov9_jax.data import coco_format, eval_batches, shapes
 from yolov9_jax.evaluation import evaluator, nms
 
 SIZE = 64
@@ -73,13 +73,18 @@ def _ground_truth_as_detections(batch, recorded, max_det=20):
   return nms.Detections(boxes, scores, classes, count, np.zeros(size, np.int32))
 
 
-def test_ground_truth_fed_as_predictions_gives_ap_1_and_a_diagonal_confusion_matrix(shapes_dataset):
+@pytest.mark.parametrize("rectangular", [True, False], ids=["rectangular", "square"])
+def test_ground_truth_fed_as_predictions_gives_ap_1_and_a_diagonal_confusion_matrix(
+    shapes_dataset, rectangular):
+  """Boxes placed in each batch's letterboxed pixels map back to the original ones exactly (AP 1)
+  with either protocol's batch shapes."""
   builder, _ = shapes_dataset
   category_ids = coco_format.category_ids(builder)
   recorded = evaluator.RecordingSource(builder.as_data_source(split="validation"))
   results, image_ids = [], []
-  for batch in pipeline.eval_batches(recorded, batch_size=5, image_size=SIZE, process_index=0,
-                                     process_count=1):
+  plan = eval_batches.make_plan(evaluator.images_hw(recorded), 5, SIZE, rectangular)
+  assert (len(plan.distinct_shapes) > 1) == rectangular
+  for batch in eval_batches.batches(recorded, plan):
     batch_results, batch_ids, _ = evaluator.detections_to_results(
         _ground_truth_as_detections(batch, recorded), batch, category_ids)
     results += batch_results
@@ -130,6 +135,21 @@ def test_evaluation_sharded_over_8_devices_equals_one_device(shapes_dataset, gel
     assert sharded.metrics[name] == pytest.approx(single.metrics[name], abs=1e-3)
   np.testing.assert_array_equal(sharded.confusion_matrix, single.confusion_matrix)
   assert set(sharded.per_class_ap) == set(CLASS_NAMES)
+  assert len(single.batch_shapes) > 1  # rectangles by default: 2 batches of their own shapes
+
+
+def test_the_square_protocol_gives_the_numbers_it_gave_before_the_rectangles(shapes_dataset,
+                                                                             gelan_t_3_classes):
+  """Before the rectangular protocol (commit 6b4c66b) every batch was an image_size square: that
+  evaluation of these weights gave 3,024 detections, AP 0.0022375, AP50 0.0100102 (measured)."""
+  builder, _ = shapes_dataset
+  result = evaluator.evaluate("gelan-t", gelan_t_3_classes, builder.as_data_source(split="validation"),
+                              coco_format.category_ids(builder), class_names=CLASS_NAMES,
+                              image_size=SIZE, batch_size=8, rectangular=False, progress=False)
+  assert result.batch_shapes == ((SIZE, SIZE),)
+  assert len(result.results) == 3024
+  assert result.metrics["AP"] == pytest.approx(0.002237546920651585, abs=1e-6)
+  assert result.metrics["AP50"] == pytest.approx(0.010010206738495135, abs=1e-6)
 
 
 def test_weights_load_back_from_msgpack_and_npz_and_mismatches_are_named(tmp_path,
@@ -197,6 +217,11 @@ def test_eval_script_prints_the_coco_table_and_writes_results_and_plots(
   assert [row["class"] for row in rows] == CLASS_NAMES
   metrics = json.loads((out_dir / "metrics.json").read_text())
   assert metrics["images"] == 12 and metrics["AP"] == result.metrics["AP"]
+  # The official rectangles by default: these images sorted by h/w fill 2 batches of 8.
+  hw = [np.shape(e["image"])[:2] for e in builder.as_data_source(split="validation")]
+  assert metrics["rectangular"] and metrics["batch_shapes_hw"] == [
+      list(shape) for shape in eval_batches.make_plan(hw, 8, SIZE).distinct_shapes]
+  assert metrics["batch_shapes_hw"] != [[SIZE, SIZE]]
   for picture in ("pr_curve.png", "confusion_matrix.png"):
     with Image.open(out_dir / picture) as image:
       assert image.format == "PNG" and min(image.size) > 300
@@ -249,16 +274,3 @@ def test_detect_inputs_are_files_folders_and_globs(shapes_dataset):
   assert paths[0].name == "000003.png" and len(paths) == 1 + 12 + 2
   with pytest.raises(FileNotFoundError, match="no image files at '.*nothing_here'"):
     detect.image_paths([str(raw / "nothing_here")])
-
-
-def test_every_process_yields_the_same_number_of_eval_batches(shapes_dataset):
-  """A multi-process evaluation runs one global step per batch: processes whose shard is smaller
-  (here 12 images over 5 processes: 3, 3, 2, 2, 2) must still yield as many (empty) batches."""
-  builder, _ = shapes_dataset
-  source = builder.as_data_source(split="validation")
-  per_process = [list(pipeline.eval_batches(source, batch_size=2, image_size=32, process_index=p,
-                                            process_count=5)) for p in range(5)]
-  assert [len(batches) for batches in per_process] == [2] * 5
-  assert pipeline.eval_batch_count(12, 2, 5) == 2
-  valid_ids = [i for batches in per_process for b in batches for i in b["image_id"][b["example_valid"]]]
-  assert sorted(valid_ids) == list(range(1, 13))

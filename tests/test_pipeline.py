@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from yolov9_jax.data import coco_format, pipeline, shapes
+from yolov9_jax.data import coco_format, eval_batches, pipeline, shapes
 
 SIZE = 128
 
@@ -102,22 +102,6 @@ def test_an_unreadable_example_is_replaced_and_counted(shapes_source):
   assert train.counters.samples_unreadable == 1
 
 
-def test_eval_batches_letterbox_and_pad_the_last_batch(shapes_source):
-  batches = list(pipeline.eval_batches(shapes_source, batch_size=5, image_size=SIZE,
-                                       process_index=0, process_count=1))
-  assert len(batches) == 5 and batches[-1]["example_valid"].tolist() == [True] * 4 + [False]
-  ids = np.concatenate([b["image_id"][b["example_valid"]] for b in batches])
-  assert sorted(ids) == list(range(1, 25))
-  for b in batches:
-    for (h, w), ratio, pad in zip(b["original_hw"][b["example_valid"]], b["ratio"], b["pad_xy"]):
-      assert pad.min() <= 0.5  # the long side fills the image (up to the official truncation)
-      # The official scale_boxes parameters take the content's extent back to the original image
-      # (the height's ratio serves both axes, as officially: off by the truncation of the resized
-      # height, up to 1/89 on these tiny images).
-      content = np.array([pad[0], pad[1], SIZE - pad[0], SIZE - pad[1]])
-      np.testing.assert_allclose((content - np.tile(pad, 2)) / ratio, [0, 0, w, h], rtol=0.015, atol=1)
-
-
 def test_process_batches_become_one_global_array_on_the_mesh(shapes_source):
   train = pipeline.TrainPipeline(shapes_source, _config(), global_batch_size=8)
   mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -184,6 +168,7 @@ def _keyed_like_tfds_coco_2017(index, example):
 
 def test_tfds_coco_2017_keys_are_read(shapes_source):
   source = _EditedSource(shapes_source, _keyed_like_tfds_coco_2017)
-  batch = next(pipeline.eval_batches(source, 4, SIZE, process_index=0, process_count=1))
+  plan = eval_batches.make_plan(np.zeros((len(source), 2)), 4, SIZE, rectangular=False)
+  batch = next(eval_batches.batches(source, plan))
   assert batch["image_id"].tolist() == [int(shapes_source[i]["image_id"]) for i in range(4)]
   assert pipeline.TrainPipeline(source, _config(), global_batch_size=4).batch(0)["valid"].any()

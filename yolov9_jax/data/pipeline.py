@@ -255,56 +255,6 @@ class TrainPipeline:
       pending.shutdown(wait=False, cancel_futures=True)
 
 
-def eval_example(image, size):
-  """The official validation transform (FACTS.md §8.2, square): long side to ``size``
-  (INTER_AREA when shrinking), then centred grey padding. Returns (image, ratio, pad_xy) where
-  ratio (resized height / original height) and pad_xy (half paddings, floats) are the official
-  ``scale_boxes`` parameters: original = (letterboxed - pad) / ratio."""
-  height = image.shape[0]
-  shrinking = max(image.shape[:2]) > size
-  resized, _ = transforms.resize_long_side(
-      image, np.zeros((0, 4)), size, cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-  padded, _, _ = transforms.letterbox(resized, np.zeros((0, 4)), (size, size), scale_up=False)
-  pad_xy = (size - np.array(resized.shape[1::-1], np.float32)) / 2
-  return padded, resized.shape[0] / height, pad_xy
-
-
-def example_image_id(example):
-  """The image id of a source example (ours: "image_id"; TFDS coco/2017: "image/id")."""
-  return int(example["image_id"] if "image_id" in example else example["image/id"])
-
-
-def eval_batch_count(num_examples, batch_size, process_count):
-  """Batches every process yields: the largest process shard's count, so that all processes take
-  part in every step of a multi-process evaluation."""
-  return -(-(-(-num_examples // process_count)) // batch_size)
-
-
-def eval_batches(source, batch_size, image_size, process_index=None, process_count=None):
-  """Evaluation batches of this process's examples (a contiguous shard), padded: "images",
-  "image_id", "original_hw" (b, 2), "ratio" (b,), "pad_xy" (b, 2) — a box maps back to original
-  pixels as (box - pad) / ratio — and "example_valid" (b,) bool. Every process yields
-  ``eval_batch_count`` batches of the same shape (empty ones after its shard ends)."""
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  shard = np.array_split(np.arange(len(source)), process_count)[process_index]
-  for first in range(0, eval_batch_count(len(source), batch_size, process_count) * batch_size,
-                     batch_size):
-    indices = shard[first:first + batch_size]
-    out = {"images": np.full((batch_size, image_size, image_size, 3), transforms.FILL_VALUE, np.uint8),
-           "image_id": np.zeros(batch_size, np.int64), "original_hw": np.zeros((batch_size, 2), np.int32),
-           "ratio": np.ones(batch_size, np.float32), "pad_xy": np.zeros((batch_size, 2), np.float32),
-           "example_valid": np.zeros(batch_size, bool)}
-    for i, index in enumerate(indices):
-      example = source[int(index)]
-      image = np.asarray(example["image"])
-      out["images"][i], out["ratio"][i], out["pad_xy"][i] = eval_example(image, image_size)
-      out["image_id"][i] = example_image_id(example)
-      out["original_hw"][i] = image.shape[:2]
-      out["example_valid"][i] = True
-    yield out
-
-
 def to_global_array(local_batch, mesh, data_axis="data"):
   """Per-process batches -> global ``jax.Array``s sharded along the batch over ``data_axis``."""
   sharding = NamedSharding(mesh, PartitionSpec(data_axis))

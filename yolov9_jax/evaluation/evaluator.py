@@ -6,10 +6,12 @@ normalises them on the device, runs the fused main branch (``inference.inference
 mesh's "data" axis; in a multi-process job every process evaluates its own shard of the dataset
 and process 0 gathers all predictions for one COCO evaluation (pycocotools).
 
-One difference from the official ``val.py``: every batch is a square ``image_size`` letterbox
-(static shapes, one compilation), where the official script pads each batch to a rectangle of up
-to 672 px chosen by the batch's aspect ratios. The resize (long side to ``image_size``), the
-padding colour and the mapping back to original pixels are the official ones.
+Batches follow the official ``val.py``: images sorted by aspect ratio, each batch padded to its
+own rectangle of up to ``image_size`` + 32 px (``data.eval_batches``); the detector compiles
+once per distinct batch shape, before the loop. ``rectangular=False`` pads every batch to an
+``image_size`` square instead (one compilation, less padding at 640: faster, slightly different
+numbers). The resize, the padding colour and the mapping back to original pixels are the
+official ones in both.
 """
 import collections
 import concurrent.futures
@@ -28,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from yolov9_jax import interop, models
-from yolov9_jax.data import pipeline
+from yolov9_jax.data import eval_batches, pipeline
 from yolov9_jax.evaluation import coco_metrics, inference, nms
 
 # The official val.py's confusion matrix: detections above this score, matched above this IoU.
@@ -49,7 +51,8 @@ class EvalResult:
   confusion_matrix: np.ndarray  # (K + 1, K + 1) counts [predicted, true]; index K is background
   images: int                 # images evaluated (padding excluded)
   images_per_second: float    # pipeline + network + NMS + results, after compilation
-  compile_seconds: float      # the first call: compilation (or a cache hit) and one batch
+  compile_seconds: float      # compilation (or cache hits) of every batch shape, and one batch each
+  batch_shapes: tuple         # the distinct (height, width) input shapes, one compilation each
   candidates_dropped: int     # NMS candidates cut by the cap, over all images
 
 
@@ -120,7 +123,7 @@ class RecordingSource:
 
   def __getitem__(self, index):
     example = self.source[index]
-    image_id = pipeline.example_image_id(example)
+    image_id = eval_batches.example_image_id(example)
     self.images_hw[image_id] = tuple(int(v) for v in np.shape(example["image"])[:2])
     objects = example["objects"]
     self.objects[image_id] = (np.asarray(objects["bbox"], np.float64).reshape(-1, 4),
@@ -229,9 +232,20 @@ def _prefetched(iterator):
       yield item
 
 
+def images_hw(source, threads=4):
+  """(len(source), 2) int: every example's image height and width in pixels, on every process
+  (each process reads its own contiguous part, decoding in ``threads`` threads)."""
+  part = np.array_split(np.arange(len(source)), jax.process_count())[jax.process_index()]
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    local = list(pool.map(lambda i: np.shape(source[int(i)]["image"])[:2], part))
+  return np.concatenate([np.asarray(p, np.int64).reshape(-1, 2)
+                         for p in _gather_to_all(local)])
+
+
 def evaluate(model_name, variables, source, category_ids, *, class_names=None, image_size=640,
              batch_size=32, ground_truth=None, mesh=None, conf_threshold=0.001, iou_threshold=0.7,
-             max_det=300, dtype="float32", progress=True) -> EvalResult:
+             max_det=300, dtype="float32", rectangular=True, source_images_hw=None,
+             progress=True) -> EvalResult:
   """COCO evaluation of ``model_name``'s training variables ({"params", "batch_stats"}) on
   ``source`` (a random-access source, e.g. ``builder.as_data_source("validation")``).
 
@@ -240,11 +254,12 @@ def evaluate(model_name, variables, source, category_ids, *, class_names=None, i
   ``ground_truth``: an instances JSON path or dict; when None it is built from the source's own
   boxes (``ground_truth_from_examples``), whose areas are box areas: real COCO numbers (the
   small/medium/large split) need the official instances JSON, whose areas are segment areas.
-  Defaults are the official evaluation settings (conf 0.001, IoU 0.7, 300 detections).
+  Defaults are the official evaluation settings (conf 0.001, IoU 0.7, 300 detections) and its
+  rectangular batches; ``rectangular=False``: ``image_size`` squares. ``source_images_hw``
+  ((N, 2) heights and widths of the source's images, as ``images_hw`` gives them) saves the
+  reading pass that the rectangular batches need: pass it when evaluating a source repeatedly.
   """
   mesh = default_mesh() if mesh is None else mesh
-  if image_size % 32:
-    raise ValueError(f"image_size={image_size} is not a multiple of 32 (the largest stride)")
   if batch_size % mesh.size:
     raise ValueError(f"batch_size={batch_size} is not divisible by the {mesh.size} devices of "
                      "the mesh")
@@ -256,12 +271,17 @@ def evaluate(model_name, variables, source, category_ids, *, class_names=None, i
                      "classes")
   class_names = [str(c) for c in category_ids] if class_names is None else list(class_names)
   local_batch_size = batch_size // jax.process_count()
-  steps = pipeline.eval_batch_count(len(source), local_batch_size, jax.process_count())
   reader = RecordingSource(source) if ground_truth is None else source
+  if rectangular and source_images_hw is None:
+    source_images_hw = images_hw(reader)
+  plan = eval_batches.make_plan(
+      np.zeros((len(source), 2)) if source_images_hw is None else source_images_hw, batch_size,
+      image_size, rectangular)
 
-  compile_start = time.perf_counter()
-  jax.block_until_ready(detect(fused_variables, pipeline.to_global_array(
-      np.zeros((local_batch_size, image_size, image_size, 3), np.uint8), mesh)))
+  compile_start = time.perf_counter()  # each batch shape compiled (or read from the cache) once
+  for height, width in plan.distinct_shapes:
+    jax.block_until_ready(detect(fused_variables, pipeline.to_global_array(
+        np.zeros((local_batch_size, height, width, 3), np.uint8), mesh)))
   compile_seconds = time.perf_counter() - compile_start
 
   results, image_ids, candidates_dropped = [], [], 0
@@ -275,10 +295,10 @@ def evaluate(model_name, variables, source, category_ids, *, class_names=None, i
     candidates_dropped += dropped
 
   start = time.perf_counter()
-  batches = pipeline.eval_batches(reader, local_batch_size, image_size)
+  batches = eval_batches.batches(reader, plan, jax.process_index(), jax.process_count())
   pending = None
   show = progress and jax.process_index() == 0
-  for batch in tqdm(_prefetched(batches), total=steps, disable=not show, desc="evaluating",
+  for batch in tqdm(_prefetched(batches), total=len(plan), disable=not show, desc="evaluating",
                     unit="batch"):
     detections = detect(fused_variables, pipeline.to_global_array(batch["images"], mesh))
     if pending is not None:  # the host works on the previous batch while the device runs this one
@@ -294,14 +314,14 @@ def evaluate(model_name, variables, source, category_ids, *, class_names=None, i
   image_ids = sorted(i for part in gathered for i in part[1])
   common = dict(results=results, class_names=class_names, images=len(image_ids),
                 images_per_second=len(image_ids) / max(seconds, 1e-9),
-                compile_seconds=compile_seconds,
+                compile_seconds=compile_seconds, batch_shapes=plan.distinct_shapes,
                 candidates_dropped=sum(part[2] for part in gathered))
   scored = None
   if jax.process_index() == 0:  # one COCO evaluation, on process 0
     if ground_truth is None:
-      images_hw = {k: v for part in gathered for k, v in part[3][0].items()}
+      recorded_hw = {k: v for part in gathered for k, v in part[3][0].items()}
       objects = {k: v for part in gathered for k, v in part[3][1].items()}
-      ground_truth = ground_truth_from_examples(images_hw, objects, category_ids, class_names)
+      ground_truth = ground_truth_from_examples(recorded_hw, objects, category_ids, class_names)
     scored = score(results, image_ids, ground_truth, category_ids, class_names)
   # Every process gets the metrics: callers decide on them together (e.g. the best checkpoint).
   metrics = _gather_to_all(None if scored is None else scored["metrics"])[0]
@@ -315,7 +335,7 @@ def evaluate(model_name, variables, source, category_ids, *, class_names=None, i
 def detections_to_results(detections, batch, category_ids):
   """(COCO results in original pixels, image ids, NMS candidates dropped) of one evaluation batch:
   ``detections`` (``nms.Detections`` as numpy, letterboxed pixels) for ``batch`` (as
-  ``pipeline.eval_batches`` gives it; padding rows are skipped)."""
+  ``eval_batches.batches`` gives it; padding rows are skipped)."""
   results, image_ids = [], []
   valid = batch["example_valid"]
   for i in np.flatnonzero(valid):
