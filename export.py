@@ -20,6 +20,7 @@ import sys
 from absl import app, flags
 from flax import serialization
 
+from configs import common
 from yolov9_jax import interop, models
 from yolov9_jax.training import checkpoint
 
@@ -38,34 +39,47 @@ _OFFICIAL_PYTHON = flags.DEFINE_string(
     "official_python", sys.executable, "the Python (with PyTorch and the official requirements) "
     "that runs the official code for --official_repo")
 _CLASS_NAMES = flags.DEFINE_list("class_names", None, "class names stored in the official "
-                                 "checkpoints of --official_repo (default: class0, class1, ...)")
+                                 "checkpoints of --official_repo (default: the run's, else "
+                                 "class0, class1, ...)")
 _EMA = flags.DEFINE_bool("ema", True, "export the EMA weights of a training state (as the official "
                          "code saves them) rather than its raw training weights")
 
 
 def load_variables(path, ema=True):
-  """Model variables ``{"params", "batch_stats"}`` from one of our checkpoints (see --checkpoint):
-  of a training state, its EMA weights when ``ema``."""
+  """(model variables ``{"params", "batch_stats"}``, the run's checkpoint metadata or None) from
+  one of our checkpoints (see --checkpoint): of a training state, its EMA weights when ``ema``."""
   path = pathlib.Path(path)
   if path.is_dir():  # a workdir or a checkpoint of train.py: the model comes from its config
-    _, variables, _ = checkpoint.load_model_variables(path, ema=ema)
-    return variables
+    _, variables, meta = checkpoint.load_model_variables(path, ema=ema)
+    return variables, meta
   restored = serialization.msgpack_restore(path.read_bytes())
   prefix = "ema_" if ema and "ema_params" in restored else ""
   if f"{prefix}params" not in restored:
     raise ValueError(f"{path} holds {sorted(restored)[:10]}: expected model variables "
                      "('params', 'batch_stats') or a training state ('ema_params', ...)")
   return {"params": restored[f"{prefix}params"],
-          "batch_stats": restored.get(f"{prefix}batch_stats", {})}
+          "batch_stats": restored.get(f"{prefix}batch_stats", {})}, None
+
+
+def run_config(meta):
+  """The training config of the run that saved ``meta`` (its recipe goes into the official
+  checkpoints, as the official training's does): the defaults, with the run's saved values."""
+  config = common.base()
+  for group in ("optimizer", "augment", "loss"):
+    saved = ((meta or {}).get("config") or {}).get(group) or {}
+    config[group].update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
+                          if k in config[group]})
+  return config
 
 
 def main(argv):
   del argv
-  variables = load_variables(_CHECKPOINT.value, ema=_EMA.value)
+  variables, meta = load_variables(_CHECKPOINT.value, ema=_EMA.value)
+  class_names = _CLASS_NAMES.value or (meta or {}).get("class_names")
   for path in interop.export_official_weights(
       _ARCHITECTURE.value, variables, _OUTPUT.value, dtype=_DTYPE.value,
-      official_repository=_OFFICIAL_REPO.value, class_names=_CLASS_NAMES.value,
-      python=_OFFICIAL_PYTHON.value):
+      official_repository=_OFFICIAL_REPO.value, class_names=class_names,
+      hyp=interop.official_hyperparameters(run_config(meta)), python=_OFFICIAL_PYTHON.value):
     print(path)
 
 

@@ -147,6 +147,80 @@ def test_written_archive_has_the_records_of_torch_save(tmp_path):
     np.testing.assert_array_equal(loaded[key].numpy(), value)
 
 
+_STAND_IN_YOLO_PY = """
+import json, pathlib, torch
+
+class DetectionModel(torch.nn.Module):
+  # Stands in for the official class in tests without the official code: the official state_dict
+  # entries (from the keys file beside its YAML) and the attributes its constructor sets.
+  def __init__(self, cfg, ch=3, nc=None):
+    super().__init__()
+    keys = json.loads(pathlib.Path(cfg).with_suffix(".keys.json").read_text())
+    for key, shape in keys:
+      *path, leaf = key.split(".")
+      module = self
+      for name in path:
+        if name not in module._modules:
+          module.add_module(name, torch.nn.Module())
+        module = module._modules[name]
+      if leaf == "num_batches_tracked":
+        module.register_buffer(leaf, torch.zeros(shape, dtype=torch.int64))
+      elif leaf in ("running_mean", "running_var"):
+        module.register_buffer(leaf, torch.zeros(shape))
+      else:
+        module.register_parameter(leaf, torch.nn.Parameter(torch.zeros(shape)))
+    self.yaml = {"nc": nc, "yaml_file": pathlib.Path(cfg).name}
+    self.stride = torch.tensor([8.0, 16.0, 32.0])
+"""
+
+
+def test_whole_model_checkpoints_carry_what_the_official_scripts_read(tmp_path, yolov9_t_variables,
+                                                                     spec_dir):
+  """The official val.py reads the model's nc (an AttributeError without it), detect.py/val.py its
+  names and stride, the trainer its hyp; the official training sets nc, names, hyp and
+  class_weights before saving. The official code is not in CI: a stand-in ``models.yolo`` with
+  the official keys builds the model (the opt-in test below runs the real one)."""
+  torch = pytest.importorskip("torch")
+  repository = tmp_path / "stand_in_repository"
+  (repository / "models" / "detect").mkdir(parents=True)
+  (repository / "models" / "__init__.py").write_text("")
+  (repository / "models" / "yolo.py").write_text(_STAND_IN_YOLO_PY)
+  for architecture in ("yolov9-t", "gelan-t"):
+    (repository / "models" / "detect" / f"{architecture}.yaml").write_text(f"# {architecture}\n")
+    (repository / "models" / "detect" / f"{architecture}.keys.json").write_text(json.dumps(
+        list(interop.expected_state_dict_shapes(architecture, 3).items())))
+  from configs import common
+  hyp = interop.official_hyperparameters(common.base())
+  facts = (spec_dir / "FACTS.md").read_text()
+  table = facts[facts.index("### 6.2"):facts.index("### 6.3")]
+  official = {}  # hyp.scratch-high.yaml as FACTS.md §6.2 lists it ("hsv_h / hsv_s / hsv_v" in one row)
+  for keys, values in re.findall(r"^\| ([a-z0-9_ /]+) \| ([0-9.e /-]+) \|", table, re.MULTILINE):
+    official.update(zip(keys.split(" / "), map(float, values.split(" / "))))
+  assert len(official) == 29 and hyp == pytest.approx(official)
+  written = interop.export_official_weights(
+      "yolov9-t", yolov9_t_variables, tmp_path / "out" / "yolov9-t", official_repository=repository,
+      class_names=["cat", "dog", "bird"], hyp=hyp)
+  umask = os.umask(0)
+  os.umask(umask)
+  for path in written:  # the .safetensors files were 0600
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path.name
+  main_branch = inference.prune_to_main_branch("yolov9-t", yolov9_t_variables)[1]
+  for path, architecture, expected in ((written[2], "yolov9-t", yolov9_t_variables),
+                                       (written[5], "gelan-t", main_branch)):
+    assert path.name.endswith("-official.pt")
+    _, info = interop.read_state_dict(path)  # the restricted reader: nothing in the file runs
+    attributes = info["model_attributes"]
+    assert set(attributes) == set(interop.MODEL_ATTRIBUTES)
+    assert attributes["nc"] == 3 and attributes["names"] == ["cat", "dog", "bird"]
+    assert attributes["hyp"] == hyp
+    np.testing.assert_array_equal(attributes["class_weights"], np.ones(3, np.float32))
+    assert info["epoch"] == -1 and info["entry"] == "model"
+    config_name, loaded, _ = interop.load_torch_checkpoint(path)
+    assert config_name == architecture
+    assert_same_variables(loaded, expected)
+  del torch
+
+
 @pytest.mark.skipif(not os.environ.get("OFFICIAL_YOLOV9_REPO"), reason=(
     "needs OFFICIAL_YOLOV9_REPO, a checkout of the official repository, and OFFICIAL_YOLOV9_PYTHON, "
     "a Python with PyTorch and its requirements"))

@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -259,7 +260,8 @@ def _class_names(model):
 def _unpack_checkpoint(content, path):
   """(state_dict, info) from what a torch file held: a training checkpoint dict, a pickled model
   or a plain state_dict."""
-  info = {"kind": "state_dict", "entry": None, "epoch": None, "date": None, "class_names": None}
+  info = {"kind": "state_dict", "entry": None, "epoch": None, "date": None, "class_names": None,
+          "model_attributes": {}}
   if _is_state_dict(content):
     return dict(content), info
   model = content
@@ -275,7 +277,9 @@ def _unpack_checkpoint(content, path):
       return dict(model), info
   if not isinstance(model, ModuleStub):
     raise ValueError(f"{path}: expected a state_dict or a pickled model, found {type(model).__name__}")
-  info.update(kind="official checkpoint", class_names=_class_names(model))
+  info.update(kind="official checkpoint", class_names=_class_names(model),
+              model_attributes={name: model.pickled_state[name] for name in MODEL_ATTRIBUTES
+                                if name in model.pickled_state})
   return _module_state_dict(model, "", {}), info
 
 
@@ -285,6 +289,7 @@ def read_state_dict(path):
 
   info: ``kind`` ("official checkpoint", "state_dict", "safetensors"), ``entry`` (which of
   ``ema``/``model`` was taken), ``epoch``, ``date``, ``class_names`` (when the file has them),
+  ``model_attributes`` (the pickled model's ``MODEL_ATTRIBUTES`` it has; tensors as arrays),
   ``dtype`` (the float dtype(s) of the tensors). Raises ``UnsafeCheckpointError`` for a file that
   references anything else than tensors, containers and module classes.
   """
@@ -296,7 +301,7 @@ def read_state_dict(path):
     with safetensors.safe_open(path, framework="np") as file:
       metadata = file.metadata() or {}
     info = {"kind": "safetensors", "entry": None, "epoch": None, "date": None,
-            "class_names": None, "metadata": metadata}
+            "class_names": None, "model_attributes": {}, "metadata": metadata}
   elif magic.startswith(b"PK\x03\x04"):
     state_dict, info = _unpack_checkpoint(_read_torch_zip(path), path)
   elif magic[:1] == pickle.PROTO:
@@ -491,19 +496,48 @@ def _cast_floats(state_dict, dtype):
   return cast
 
 
+# The attributes the official training sets on the model before saving it, and that its scripts
+# read: val.py checks nc against the data, detect.py and val.py name classes by names, the
+# trainer's loss reads hyp, --image-weights reads class_weights; yaml and stride come with the
+# model's construction.
+MODEL_ATTRIBUTES = ("nc", "names", "hyp", "class_weights", "yaml", "stride")
+
+
+def official_hyperparameters(config):
+  """The official hyp dict (hyp.scratch-high.yaml's keys, FACTS.md §6.2) of a training config
+  (``configs/common.base()`` or a run's): its optimizer, augmentation and loss values, and the
+  official values of the keys that the YOLOv9 recipe does not use."""
+  optimizer, augment, loss = config.optimizer, config.augment, config.loss
+  return {"lr0": optimizer.lr0, "lrf": optimizer.lrf, "momentum": optimizer.momentum,
+          "weight_decay": optimizer.weight_decay, "warmup_epochs": optimizer.warmup_epochs,
+          "warmup_momentum": optimizer.warmup_momentum, "warmup_bias_lr": optimizer.warmup_bias_lr,
+          "box": loss.box_gain, "cls": loss.cls_gain, "cls_pw": 1.0, "obj": 0.7, "obj_pw": 1.0,
+          "dfl": loss.dfl_gain, "iou_t": 0.2, "anchor_t": 5.0, "fl_gamma": 0.0,
+          "hsv_h": augment.hsv[0], "hsv_s": augment.hsv[1], "hsv_v": augment.hsv[2],
+          "degrees": 0.0, "translate": augment.translate, "scale": augment.scale, "shear": 0.0,
+          "perspective": 0.0, "flipud": 0.0, "fliplr": augment.fliplr, "mosaic": augment.mosaic,
+          "mixup": augment.mixup, "copy_paste": 0.3}
+
+
 # Run by write_official_checkpoint in a separate interpreter that has PyTorch and the official
-# code: builds the official model from its YAML, loads our state_dict strictly and saves it as the
-# official training code's final checkpoint (strip_optimizer's format, FACTS.md §10.1).
+# code: builds the official model from its YAML, loads our state_dict strictly, sets the
+# attributes of MODEL_ATTRIBUTES as the official training does, and saves it as the official
+# training code's final checkpoint (strip_optimizer's format, FACTS.md §10.1). class_weights are
+# uniform (the official training derives them from its labels' frequencies, which an export does
+# not have; only --image-weights sampling reads them).
 _OFFICIAL_CHECKPOINT_SCRIPT = """
 import datetime, json, sys
-repository, model_yaml, state_dict_path, class_names, half, output_path = sys.argv[1:]
+repository, model_yaml, state_dict_path, class_names, hyp, half, output_path = sys.argv[1:]
 sys.path.insert(0, repository)
 import torch
 from models.yolo import DetectionModel
 class_names = json.loads(class_names)
 model = DetectionModel(model_yaml, ch=3, nc=len(class_names))
 model.load_state_dict(torch.load(state_dict_path, weights_only=True), strict=True)
+model.nc = len(class_names)
 model.names = class_names
+model.hyp = json.loads(hyp)
+model.class_weights = torch.ones(len(class_names))
 model = model.half() if half == "half" else model
 for parameter in model.parameters():
   parameter.requires_grad = False
@@ -514,11 +548,12 @@ torch.save({"model": model, "ema": None, "updates": None, "optimizer": None, "be
 
 
 def write_official_checkpoint(state_dict_path, architecture, output_path, official_repository,
-                              class_names=None, python=sys.executable):
+                              class_names=None, hyp=None, python=sys.executable):
   """Turns a state_dict file into the official whole-model checkpoint that the official
   ``detect.py``/``val.py`` load, by running the official code: ``official_repository`` is a
   checkout of WongKinYiu/yolov9, ``python`` an interpreter with PyTorch and its requirements.
-  ``class_names`` default to class0, class1, ...; the floats keep the state_dict's precision."""
+  ``class_names`` default to class0, class1, ...; ``hyp`` (``official_hyperparameters``) to
+  none (an empty dict); the floats keep the state_dict's precision."""
   model_yaml = pathlib.Path(official_repository) / "models" / "detect" / f"{architecture}.yaml"
   if not model_yaml.is_file():
     raise ValueError(f"{official_repository} is not a checkout of the official repository: it has "
@@ -531,7 +566,8 @@ def write_official_checkpoint(state_dict_path, architecture, output_path, offici
   half = "half" if state_dict[_class_layer_key(architecture)].dtype == np.float16 else "float"
   result = subprocess.run(
       [python, "-c", _OFFICIAL_CHECKPOINT_SCRIPT, str(official_repository), str(model_yaml),
-       str(state_dict_path), json.dumps(class_names), half, str(output_path)],
+       str(state_dict_path), json.dumps(class_names), json.dumps(dict(hyp or {})), half,
+       str(output_path)],
       capture_output=True, text=True, check=False)
   if result.returncode:
     raise RuntimeError(f"the official code (run by {python}) could not write {output_path}:\n"
@@ -539,7 +575,8 @@ def write_official_checkpoint(state_dict_path, architecture, output_path, offici
 
 
 def export_official_weights(architecture, variables, output_prefix, dtype="float32",
-                            official_repository=None, class_names=None, python=sys.executable):
+                            official_repository=None, class_names=None, hyp=None,
+                            python=sys.executable):
   """Writes ``variables`` in the official layouts; returns the paths written.
 
   ``<output_prefix>.pt`` and ``.safetensors``: the state_dict of ``architecture`` itself (for
@@ -548,7 +585,8 @@ def export_official_weights(architecture, variables, output_prefix, dtype="float
   the official reparameterisation writes it (FACTS.md §1.5). Floats are written as ``dtype``
   (float32 or float16); ``num_batches_tracked`` stays int64. With ``official_repository``, each
   layout also gets ``<prefix>-official.pt``, the whole-model checkpoint of the official scripts
-  (see ``write_official_checkpoint``, which runs ``python`` with PyTorch).
+  (see ``write_official_checkpoint``, which runs ``python`` with PyTorch), with ``class_names``
+  and ``hyp``. Every file gets the mode of a new file (0644 under the usual umask).
   """
   # Imported here: evaluation modules import interop, so a module-level import could be circular.
   from yolov9_jax.evaluation import inference
@@ -575,10 +613,12 @@ def export_official_weights(architecture, variables, output_prefix, dtype="float
     save_torch_state_dict(pt_path, state_dict)
     safetensors.numpy.save_file(state_dict, safetensors_path,
                                 metadata={"format": "pt", "architecture": layout})
+    # safetensors writes 0600 files; the .pt beside it has the mode of any new file (umask).
+    shutil.copymode(pt_path, safetensors_path)
     written += [pt_path, safetensors_path]
     if official_repository is not None:
       official_path = prefix.with_name(prefix.name + "-official.pt")
       write_official_checkpoint(pt_path, layout, official_path, official_repository, class_names,
-                                python)
+                                hyp, python)
       written.append(official_path)
   return written
