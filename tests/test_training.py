@@ -82,28 +82,32 @@ def test_schedule_equals_the_official_loop_at_every_iteration(recipe_name):
 
 
 def test_the_demo_logs_the_official_learning_rates():
-  """The official results.csv of the demo recipe (16 epochs, lr0 0.02, nw = 192 = 3 x 64) logs
+  """The official results.csv of the demo recipe at 16 epochs (lr0 0.02, nw = 192 = 3 x 64) logs
   0.016287 at epochs 3 and 4, 0.01505 at epoch 5, ..., 0.002675 at the last epoch 15 (the
-  learning rate of each epoch's last iteration). train.py logs the step's learning rate every
-  16 steps, so step 64 (e + 1) carries epoch e's last iteration."""
+  learning rate of each epoch's last iteration): our schedule gives these. The demo now trains
+  17 epochs; its own log (train.py logs the step's learning rate every 16 steps, so step
+  64 (e + 1) carries epoch e's last iteration) equals the official loop's for its length."""
   from configs import shapes_demo
   config = shapes_demo.get_config()
   nb = config.data.shapes.num_train // config.train.batch_size
-  epochs = config.train.epochs
-  last_of_epoch = np.arange(1, epochs + 1) * nb - 1
-  lrs = jax.device_get(optim.hyperparameters(last_of_epoch, config.optimizer, nb, epochs,
-                                             config.train.batch_size))["lr_weights"]
+  batch, lr0 = config.train.batch_size, config.optimizer.lr0
+  last_of_16_epochs = np.arange(1, 17) * nb - 1
+  lrs = jax.device_get(optim.hyperparameters(last_of_16_epochs, config.optimizer, nb, 16,
+                                             batch))["lr_weights"]
   official = {3: 0.016287, 4: 0.016287, 5: 0.01505, 15: 0.002675}
   for epoch, lr in official.items():
     assert abs(lrs[epoch] - lr) < 6e-7, (epoch, lrs[epoch], lr)
   demo_log = REPO_ROOT / "runs" / "shapes_demo" / "metrics.jsonl"
-  if demo_log.exists():  # CI runs the demo before the tests: its log says the same
+  if demo_log.exists():  # CI runs the demo before the tests
+    epochs = config.train.epochs
+    official_run = _OfficialLoop(nb, epochs, batch, lr0, nbs=config.optimizer.nominal_batch_size,
+                                 warmup_floor=config.optimizer.warmup_min_iterations).run()
     rows = [json.loads(line) for line in demo_log.read_text().splitlines()]
     logged = {row["step"]: row["train/lr"] for row in rows if "train/lr" in row}
-    for epoch in range(epochs):
-      if (epoch + 1) * nb in logged:
-        np.testing.assert_allclose(logged[(epoch + 1) * nb], lrs[epoch], rtol=1e-6,
-                                   err_msg=f"{demo_log} (from another version? delete it)")
+    assert len(logged) == epochs * nb // config.train.log_every_steps
+    for step, lr in logged.items():
+      np.testing.assert_allclose(lr, official_run[step - 1, 1], rtol=2e-6,
+                                 err_msg=f"{demo_log} step {step} (from another version? delete it)")
 
 
 def test_sgd_update_is_pytorch_nesterov_with_coupled_decay_and_group_lrs():
