@@ -417,9 +417,14 @@ def test_official_pickled_checkpoint_imports_without_the_official_code(
   config_name, variables, info = interop.load_torch_checkpoint(tmp_path / "gelan-t.pt")
 
   assert config_name == "gelan-t"
+  attributes = info.pop("model_attributes")
   assert info == {"kind": "official checkpoint", "entry": "ema" if with_ema else "model",
                   "epoch": 7, "date": "2024-03-01T10:00:00", "class_names": names,
                   "dtype": "float16", "num_classes": 4}
+  # The attributes the official scripts read from the model, tensors as arrays.
+  stride = attributes.pop("stride")
+  assert attributes == {"nc": 4, "names": names, "yaml": {"nc": 4}}
+  np.testing.assert_array_equal(stride, np.array([8, 16, 32], np.float32))
   expected = ema_weights if with_ema else raw_weights
   assert_same_variables(variables, interop.from_torch_state_dict("gelan-t", expected))
   assert "models" not in sys.modules  # the official package was never imported
