@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -224,7 +225,7 @@ def test_whole_model_checkpoints_carry_what_the_official_scripts_read(tmp_path, 
 @pytest.mark.skipif(not os.environ.get("OFFICIAL_YOLOV9_REPO"), reason=(
     "needs OFFICIAL_YOLOV9_REPO, a checkout of the official repository, and OFFICIAL_YOLOV9_PYTHON, "
     "a Python with PyTorch and its requirements"))
-def test_official_checkpoints_written_by_the_official_code_import_back_exactly(tmp_path, yolov9_t_variables):
+def test_official_checkpoints_written_by_the_official_code_import_back_and_validate(tmp_path, yolov9_t_variables):
   variables = _float16_exact(yolov9_t_variables)
   written = interop.export_official_weights(
       "yolov9-t", variables, tmp_path / "yolov9-t", dtype="float16",
@@ -241,6 +242,51 @@ def test_official_checkpoints_written_by_the_official_code_import_back_exactly(t
     assert info["kind"] == "official checkpoint" and info["entry"] == "model" and info["epoch"] == -1
     assert info["class_names"] == ["cat", "dog", "bird"] and info["dtype"] == "float16"
     assert_same_variables(loaded, expected)
+  # The official validation scripts load both files and run them end to end on a YOLO-format set.
+  data_yaml = _write_yolo_format_set(tmp_path / "set", ["cat", "dog", "bird"])
+  official_python = os.environ.get("OFFICIAL_YOLOV9_PYTHON", sys.executable)
+  # The official scripts download Arial.ttf into their settings folder unless it is there; offline,
+  # any TrueType font does (the plots are not checked), here matplotlib's own.
+  settings = tmp_path / "settings"
+  settings.mkdir()
+  font = subprocess.run([official_python, "-c", "import matplotlib, os; print(os.path.join("
+                         "matplotlib.get_data_path(), 'fonts', 'ttf', 'DejaVuSans.ttf'))"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  shutil.copy(font, settings / "Arial.ttf")
+  for path, script in ((written[2], "val_dual.py"), (written[5], "val.py")):
+    result = subprocess.run(
+        [official_python, script, "--data", str(data_yaml),
+         "--weights", str(path), "--imgsz", "64", "--batch-size", "2", "--device", "cpu",
+         "--workers", "0", "--project", str(tmp_path / "val"), "--name", path.stem],
+        cwd=os.environ["OFFICIAL_YOLOV9_REPO"], capture_output=True, text=True, timeout=600,
+        # The official loader calls torch.load without weights_only, which PyTorch >= 2.6 turns on by
+        # default and which refuses the official releases too; the file is the one this test wrote.
+        env={**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "YOLOV5_CONFIG_DIR": str(settings)})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout[-3000:] + result.stderr[-3000:]
+    # Its table: "all", then images, instances, P, R, mAP50, mAP50-95 for the 5 images, 7 boxes.
+    row = re.search(r"\ball\s+5\s+7\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+", result.stdout + result.stderr)
+    assert row, (script, result.stdout[-3000:] + result.stderr[-3000:])
+
+
+def _write_yolo_format_set(root, class_names):
+  """Five small images of several aspect ratios with 7 boxes in the official YOLO layout
+  (images/val, labels/val, a data YAML); returns the YAML's path."""
+  import cv2
+  rng = np.random.default_rng(0)
+  (root / "images" / "val").mkdir(parents=True)
+  (root / "labels" / "val").mkdir(parents=True)
+  boxes_per_image = [1, 2, 1, 2, 1]
+  for index, ((height, width), count) in enumerate(zip(
+      [(48, 64), (64, 48), (64, 64), (40, 80), (72, 56)], boxes_per_image)):
+    cv2.imwrite(str(root / "images" / "val" / f"{index}.jpg"),
+                rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    lines = [f"{rng.integers(len(class_names))} {x:.4f} {y:.4f} 0.3000 0.2500"
+             for x, y in rng.uniform(0.3, 0.7, (count, 2))]
+    (root / "labels" / "val" / f"{index}.txt").write_text("\n".join(lines) + "\n")
+  data_yaml = root / "data.yaml"
+  data_yaml.write_text(json.dumps({"path": str(root), "train": "images/val", "val": "images/val",
+                                   "nc": len(class_names), "names": class_names}))  # JSON is YAML
+  return data_yaml
 
 
 # -- official pickled checkpoints, written here as the official training code writes them --------
