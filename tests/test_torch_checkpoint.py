@@ -253,19 +253,30 @@ def test_official_checkpoints_written_by_the_official_code_import_back_and_valid
                          "matplotlib.get_data_path(), 'fonts', 'ttf', 'DejaVuSans.ttf'))"],
                         capture_output=True, text=True, check=True).stdout.strip()
   shutil.copy(font, settings / "Arial.ttf")
+  # The official loader calls torch.load without weights_only, which PyTorch >= 2.6 turns on by
+  # default and which refuses the official releases too; the files are the ones this test wrote.
+  env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "YOLOV5_CONFIG_DIR": str(settings)}
   for path, script in ((written[2], "val_dual.py"), (written[5], "val.py")):
     result = subprocess.run(
         [official_python, script, "--data", str(data_yaml),
          "--weights", str(path), "--imgsz", "64", "--batch-size", "2", "--device", "cpu",
          "--workers", "0", "--project", str(tmp_path / "val"), "--name", path.stem],
-        cwd=os.environ["OFFICIAL_YOLOV9_REPO"], capture_output=True, text=True, timeout=600,
-        # The official loader calls torch.load without weights_only, which PyTorch >= 2.6 turns on by
-        # default and which refuses the official releases too; the file is the one this test wrote.
-        env={**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "YOLOV5_CONFIG_DIR": str(settings)})
+        cwd=os.environ["OFFICIAL_YOLOV9_REPO"], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout[-3000:] + result.stderr[-3000:]
     # Its table: "all", then images, instances, P, R, mAP50, mAP50-95 for the 5 images, 7 boxes.
     row = re.search(r"\ball\s+5\s+7\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+", result.stdout + result.stderr)
     assert row, (script, result.stdout[-3000:] + result.stderr[-3000:])
+  # Fine-tuning from the exported file: the official trainer takes every tensor of it.
+  result = subprocess.run(
+      [official_python, "train_dual.py", "--weights", str(written[2]),
+       "--cfg", "models/detect/yolov9-t.yaml", "--hyp", "data/hyps/hyp.scratch-high.yaml",
+       "--data", str(data_yaml), "--epochs", "1", "--batch-size", "2", "--imgsz", "64",
+       "--device", "cpu", "--workers", "0", "--noplots", "--project", str(tmp_path / "train")],
+      cwd=os.environ["OFFICIAL_YOLOV9_REPO"], capture_output=True, text=True, timeout=600, env=env)
+  output = result.stdout + result.stderr
+  assert result.returncode == 0 and "Traceback" not in output, output[-3000:]
+  transferred = re.search(r"Transferred (\d+)/(\d+) items", output)
+  assert transferred and transferred[1] == transferred[2], output[-3000:]
 
 
 def _write_yolo_format_set(root, class_names):
