@@ -129,8 +129,9 @@ def train(config, workdir):
   state = sharding.put_state(jax.device_get(state), mesh, shard_state)
   checkpoints = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
   best_fitness = -1.0
-  if checkpoints.latest_step() is not None:
-    state, meta = checkpoints.restore(checkpoint.abstract(state))
+  resumed = checkpoints.restore_latest(checkpoint.abstract(state))
+  if resumed is not None:
+    state, meta = resumed
     best_fitness = meta.get("best_fitness", -1.0)
     print(f"resumed from {workdir} at step {int(state.iteration)}")
   start_step = int(jax.device_get(state.iteration))

@@ -2,6 +2,7 @@
 restorable, SIGTERM is noted for the training loop."""
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from yolov9_jax.training import checkpoint
 from yolov9_jax.training import optimizer as optim
@@ -83,3 +85,56 @@ def test_sigterm_is_noted_not_fatal():
   finally:
     preemption.restore_handler()
   assert signal.getsignal(signal.SIGTERM) is not preemption._handle
+
+
+def _largest_file(directory):
+  return max((p for p in pathlib.Path(directory).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restored(tmp_path, capsys):
+  state = _tiny_state()
+  checkpoints = checkpoint.Checkpoints(tmp_path, keep=3)
+  for iteration in (7, 8, 9):
+    checkpoints.save(state.replace(iteration=jnp.asarray(iteration, jnp.int32)), {"note": iteration})
+  checkpoints.close()
+  damaged = _largest_file(tmp_path / checkpoint.LAST / "9" / "state")  # the arrays' data file
+  damaged.write_bytes(damaged.read_bytes()[:damaged.stat().st_size // 2])  # a copy cut short
+
+  checkpoints = checkpoint.Checkpoints(tmp_path, keep=3)
+  restored, meta = checkpoints.restore_latest(checkpoint.abstract(state))
+  assert int(restored.iteration) == 8 and meta == {"note": 8}
+  np.testing.assert_array_equal(restored.params, state.params)
+  message = capsys.readouterr().out
+  assert f"{tmp_path / checkpoint.LAST / '9'} does not read back" in message
+  assert checkpoints.last.all_steps() == [7, 8]
+  aside = list((tmp_path / checkpoint.DAMAGED).iterdir())  # kept, not deleted
+  assert len(aside) == 1 and aside[0].name.startswith("9-")
+  assert (aside[0] / "state" / damaged.relative_to(tmp_path / checkpoint.LAST / "9" / "state")).exists()
+  checkpoints.save(state.replace(iteration=jnp.asarray(9, jnp.int32)), {"note": "again"}, wait=True)
+  assert checkpoints.last.all_steps() == [7, 8, 9]  # the run saves step 9 anew
+  checkpoints.close()
+
+
+@pytest.mark.parametrize("damage", ["cut short", "missing"])
+def test_a_damaged_meta_alone_keeps_the_weights(tmp_path, capsys, damage):
+  state = _tiny_state()
+  checkpoints = checkpoint.Checkpoints(tmp_path)
+  checkpoints.save(state, {"best_fitness": 0.5}, wait=True)
+  checkpoints.close()
+  meta_directory = tmp_path / checkpoint.LAST / "7" / "meta"
+  if damage == "missing":
+    shutil.rmtree(meta_directory)
+  else:
+    (meta_directory / "metadata").write_text('{"best_fit')
+  checkpoints = checkpoint.Checkpoints(tmp_path)
+  restored, meta = checkpoints.restore_latest(checkpoint.abstract(state))
+  assert meta == {} and int(restored.iteration) == 7
+  np.testing.assert_array_equal(restored.ema_params, state.ema_params)
+  assert "meta item does not read" in capsys.readouterr().out
+  checkpoints.close()
+
+
+def test_no_checkpoint_restores_nothing(tmp_path):
+  checkpoints = checkpoint.Checkpoints(tmp_path)
+  assert checkpoints.restore_latest(checkpoint.abstract(_tiny_state())) is None
+  checkpoints.close()

@@ -3,6 +3,7 @@ SIGTERM, stops on repeated non-finite steps, rejects bad config values, fine-tun
 import importlib
 import os
 import pathlib
+import shutil
 import signal
 import sys
 
@@ -105,6 +106,22 @@ def test_sigterm_saves_and_the_resumed_run_ends_bit_identical(straight_run, tmp_
   resumed, _ = train.train(config, tmp_path)
   resumed = jax.device_get(resumed)
   assert int(resumed.iteration) == 12
+  for name in ("params", "batch_stats", "ema_params", "ema_batch_stats"):
+    np.testing.assert_array_equal(getattr(resumed, name), getattr(straight_state, name), err_msg=name)
+
+
+def test_a_truncated_newest_checkpoint_resumes_from_the_one_before(straight_run, tmp_path, capsys):
+  config, straight_state, _, workdir = straight_run
+  shutil.copytree(workdir / checkpoint.LAST, tmp_path / checkpoint.LAST)
+  newest = tmp_path / checkpoint.LAST / "12" / "state"
+  data_file = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data_file.write_bytes(data_file.read_bytes()[:1000])  # a copy cut short by a full disk
+  resumed, _ = train.train(config, tmp_path)
+  output = capsys.readouterr().out
+  assert f"checkpoint {tmp_path / checkpoint.LAST / '12'} does not read back" in output
+  assert "at step 8" in output
+  assert len(list((tmp_path / checkpoint.DAMAGED).iterdir())) == 1
+  resumed = jax.device_get(resumed)
   for name in ("params", "batch_stats", "ema_params", "ema_batch_stats"):
     np.testing.assert_array_equal(getattr(resumed, name), getattr(straight_state, name), err_msg=name)
 

@@ -9,12 +9,14 @@ restorable.
 import json
 import pathlib
 import signal
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-LAST, BEST = "checkpoints", "best"
+LAST, BEST, DAMAGED = "checkpoints", "best", "damaged_checkpoints"
 
 
 class Checkpoints:
@@ -52,6 +54,42 @@ class Checkpoints:
 
   def latest_step(self):
     return self.last.latest_step()
+
+  def restore_latest(self, abstract_state):
+    """(state, meta) of the newest checkpoint that reads back completely, or None where there is
+    none. A checkpoint whose state does not read (a truncated file after a preempted copy or a
+    full disk) is moved aside to ``<workdir>/damaged_checkpoints/`` with a message, and the one
+    before it is tried; a damaged ``meta`` alone costs the counters, not the weights."""
+    for step in sorted(self.last.all_steps(), reverse=True):
+      error = None
+      try:
+        state = self.last.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"]
+      except Exception as caught:  # noqa: BLE001  (orbax/tensorstore raise many kinds)
+        error = caught
+      if not _everywhere(error is None):  # every process skips the step if one could not read it
+        self._set_aside(step, error or "another process could not read it")
+        continue
+      try:
+        meta = self.last.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception as caught:  # noqa: BLE001
+        print(f"checkpoint {self.last.directory / str(step)}: its meta item does not read "
+              f"({_first_line(caught)}); resuming its weights with fresh counters")
+        meta = {}
+      return state, meta
+    return None
+
+  def _set_aside(self, step, error):
+    """Moves the damaged step directory out of the manager's reach, keeping it for inspection."""
+    source = self.last.directory / str(step)
+    target = self.last.directory.parent / DAMAGED / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"checkpoint {source} does not read back ({_first_line(error)}); moved to {target}, "
+          f"trying the one before it")
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      source.rename(target)
+    _barrier(f"set_aside_{step}")
+    self.last.reload()
 
   def restore(self, abstract_state, step=None, best=False):
     """(state, meta) of ``step`` (default: the latest; ``best``: the best one). ``abstract_state``:
@@ -104,6 +142,22 @@ def load_model_variables(path, ema=True):
   layout = train_state.Layout.of(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
   prefix = "ema_" if ema else ""
   return name, layout.variables(state[f"{prefix}params"], state[f"{prefix}batch_stats"]), meta
+
+
+def _first_line(error):
+  return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+
+
+def _everywhere(flag):
+  """True where ``flag`` holds on every process (a collective on a multi-process job)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
+
+
+def _barrier(name):
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def abstract(state):
