@@ -11,7 +11,7 @@ static shape and compiles once. Boxes in the JSON and the pictures are in origin
 """
 import glob
 import json
-import pathlib
+import os
 import sys
 
 import cv2
@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from yolov9_jax import paths
 from yolov9_jax.data import pipeline, transforms, visualize
 from yolov9_jax.evaluation import coco_metrics, evaluator
 
@@ -43,25 +44,35 @@ IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 
 def image_paths(inputs):
-  """The image files named by ``inputs`` (files, folders, glob patterns), in a stable order."""
-  paths = []
+  """The image files named by ``inputs`` (files, folders, glob patterns; local or remote), in a
+  stable order."""
+  found_paths = []
   for item in inputs:
-    path = pathlib.Path(item).expanduser()
+    path = paths.user_path(item)
     if path.is_dir():
       found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     elif path.is_file():
       found = [path]
     else:
-      found = sorted(pathlib.Path(p) for p in glob.glob(str(path), recursive=True)
-                     if pathlib.Path(p).suffix.lower() in IMAGE_SUFFIXES)
+      found = sorted(p for p in _glob(os.fspath(path)) if p.suffix.lower() in IMAGE_SUFFIXES)
     if not found:
       raise FileNotFoundError(f"no image files at {item!r} (a file, a folder or a glob pattern)")
-    paths.extend(found)
-  return paths
+    found_paths.extend(found)
+  return found_paths
+
+
+def _glob(pattern):
+  """The paths matching ``pattern``, local (``**`` recursive) or remote (``gs://b/images/*.jpg``)."""
+  if not paths.is_remote(pattern):
+    return [paths.user_path(p) for p in glob.glob(pattern, recursive=True)]
+  parts = pattern.split("/")
+  first_wild = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+  return list(paths.user_path("/".join(parts[:first_wild])).glob("/".join(parts[first_wild:])))
 
 
 def _read_rgb(path):
-  image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # applies EXIF orientation, like the official
+  with paths.local_file(path) as local:  # cv2 reads local files only
+    image = cv2.imread(os.fspath(local), cv2.IMREAD_COLOR)  # applies EXIF orientation, like the official
   return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -76,7 +87,7 @@ def main(argv):
     raise ValueError(f"detect.py needs {', '.join(missing + ['images'] * (not inputs))}")
   if FLAGS.image_size % 32:
     raise ValueError(f"--image_size={FLAGS.image_size} is not a multiple of 32 (the largest stride)")
-  paths = image_paths(inputs)
+  images_found = image_paths(inputs)
   variables = evaluator.load_variables(FLAGS.weights, FLAGS.model)
   mesh = evaluator.default_mesh()
   if FLAGS.batch_size % mesh.size:
@@ -87,14 +98,22 @@ def main(argv):
   class_names = FLAGS.class_names or [str(label) for label in range(num_classes)]
   if len(class_names) != num_classes:
     raise ValueError(f"--class_names has {len(class_names)} names, the model {num_classes} classes")
-  out_dir = pathlib.Path(FLAGS.out_dir).expanduser()
-  out_dir.mkdir(parents=True, exist_ok=True)
+  with paths.local_dir(FLAGS.out_dir) as out_dir:  # a remote --out_dir gets the files at the end
+    records, unreadable = _detect_all(images_found, detect, fused_variables, class_names, mesh, out_dir)
+  print(f"{len(records)} images, {sum(len(r['detections']) for r in records)} detections; "
+        f"{len(unreadable)} unreadable; wrote {paths.user_path(FLAGS.out_dir)}")
+  return records
+
+
+def _detect_all(images_found, detect, fused_variables, class_names, mesh, out_dir):
+  """Detects in batches, draws each image into ``out_dir`` and writes detections.json there;
+  returns (records, unreadable files)."""
   size = FLAGS.image_size
   records, unreadable = [], []
-  for first in range(0, len(paths), FLAGS.batch_size):
+  for first in range(0, len(images_found), FLAGS.batch_size):
     batch_paths, originals, transforms_ = [], [], []
     images = np.full((FLAGS.batch_size, size, size, 3), transforms.FILL_VALUE, np.uint8)
-    for path in paths[first:first + FLAGS.batch_size]:
+    for path in images_found[first:first + FLAGS.batch_size]:
       image = _read_rgb(path)
       if image is None:
         unreadable.append(str(path))
@@ -113,16 +132,14 @@ def main(argv):
       scores, labels = detections.scores[i, :count], detections.classes[i, :count]
       picture = out_dir / path.name
       visualize.draw_boxes(image, boxes, labels, class_names, scores).save(picture)
-      records.append({"file": str(path), "annotated": str(picture), "height": image.shape[0],
+      records.append({"file": os.fspath(path), "annotated": os.fspath(paths.user_path(FLAGS.out_dir) / path.name), "height": image.shape[0],
                       "width": image.shape[1], "detections": [
                           {"box_xyxy_px": [round(float(v), 2) for v in box], "score": float(score),
                            "class": int(label), "name": class_names[int(label)]}
                           for box, score, label in zip(boxes, scores, labels)]})
   (out_dir / "detections.json").write_text(json.dumps(
       {"images": records, "unreadable": unreadable}, indent=1))
-  print(f"{len(records)} images, {sum(len(r['detections']) for r in records)} detections; "
-        f"{len(unreadable)} unreadable; wrote {out_dir}")
-  return records
+  return records, unreadable
 
 
 if __name__ == "__main__":

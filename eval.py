@@ -10,12 +10,14 @@ metrics.json, pr_curve.png and confusion_matrix.png. The dataset is a TFDS datas
 own boxes (AP_small/medium/large then use box areas, not COCO's segment areas).
 """
 import csv
+import io
 import json
-import pathlib
+import os
 import sys
 
 from absl import flags
 
+from yolov9_jax import paths
 from yolov9_jax.evaluation import evaluator, plots
 
 # This script's own flags (detect.py has flags of the same names; both run in one test process).
@@ -47,11 +49,11 @@ def _source(data_dir, dataset, split):
   import tensorflow_datasets as tfds
 
   from yolov9_jax.data import coco_format
-  root = pathlib.Path(data_dir).expanduser()
+  root = paths.user_path(data_dir)
   if not (root / dataset).is_dir():
     raise FileNotFoundError(f"no prepared dataset {dataset!r} under {root} (expected the folder "
                             f"{root / dataset}; write it with coco_format.prepare)")
-  builder = tfds.builder(dataset, data_dir=str(root))
+  builder = tfds.builder(dataset, data_dir=os.fspath(root))
   if split not in builder.info.splits:
     raise ValueError(f"dataset {dataset!r} in {root} has no split {split!r}; it has "
                      f"{sorted(builder.info.splits)}")
@@ -76,41 +78,46 @@ def main(argv):
   missing = [f"--{name}" for name in REQUIRED if FLAGS[name].value is None]
   if missing:
     raise ValueError(f"eval.py needs {', '.join(missing)}")
-  weights = pathlib.Path(FLAGS.weights).expanduser()
+  weights = paths.user_path(FLAGS.weights)
   if not weights.exists():
     raise FileNotFoundError(f"weights file or checkpoint directory {weights} does not exist")
   source, category_ids, class_names = _source(FLAGS.data_dir, FLAGS.dataset, FLAGS.split)
   variables = evaluator.load_variables(weights, FLAGS.model, num_classes=len(category_ids))
-  annotations = FLAGS.annotations and pathlib.Path(FLAGS.annotations).expanduser()
+  annotations = FLAGS.annotations and paths.user_path(FLAGS.annotations)
   if annotations and not annotations.is_file():
     raise FileNotFoundError(f"annotations file {annotations} does not exist")
   result = evaluator.evaluate(FLAGS.model, variables, source, category_ids,
                               class_names=class_names, image_size=FLAGS.image_size,
                               batch_size=FLAGS.batch_size, ground_truth=annotations,
                               rectangular=FLAGS.rectangular)
-  out_dir = pathlib.Path(FLAGS.out_dir).expanduser()
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "predictions.json").write_text(json.dumps(result.results))
-  (out_dir / "metrics.json").write_text(json.dumps(
-      {**{k: v for k, v in result.metrics.items() if k != "table"}, "images": result.images,
-       "images_per_second": result.images_per_second, "rectangular": FLAGS.rectangular,
-       "batch_shapes_hw": [list(shape) for shape in result.batch_shapes],
-       "candidates_dropped": result.candidates_dropped}, indent=1))
-  with open(out_dir / "per_class_ap.csv", "w", newline="") as file:
-    writer = csv.writer(file)
-    writer.writerow(["class", "category_id", "AP", "AP50"])
-    for (name, ap), category_id in zip(result.per_class_ap.items(), category_ids):
-      writer.writerow([name, category_id, f"{ap['AP']:.5f}", f"{ap['AP50']:.5f}"])
-  plots.save_pr_curves(result.pr_recall, result.pr_precision, class_names, out_dir / "pr_curve.png")
-  plots.save_confusion_matrix(result.confusion_matrix, class_names, out_dir / "confusion_matrix.png")
+  with paths.local_dir(FLAGS.out_dir) as out_dir:  # a remote --out_dir gets the files at the end
+    _write_results(out_dir, result, category_ids, class_names)
   print(result.metrics["table"])
   print(_per_class_table(result.per_class_ap))
   print(f"{result.images} images, {result.images_per_second:.1f} images/s "
         f"(pipeline + network + NMS; {len(result.batch_shapes)} batch shapes compiled in "
         f"{result.compile_seconds:.1f} s); "
         f"NMS candidates over the cap: {result.candidates_dropped}")
-  print(f"wrote {out_dir}")
+  print(f"wrote {paths.user_path(FLAGS.out_dir)}")
   return result
+
+
+def _write_results(out_dir, result, category_ids, class_names):
+  """predictions.json, metrics.json, per_class_ap.csv and the two plots, into ``out_dir``."""
+  (out_dir / "predictions.json").write_text(json.dumps(result.results))
+  (out_dir / "metrics.json").write_text(json.dumps(
+      {**{k: v for k, v in result.metrics.items() if k != "table"}, "images": result.images,
+       "images_per_second": result.images_per_second, "rectangular": FLAGS.rectangular,
+       "batch_shapes_hw": [list(shape) for shape in result.batch_shapes],
+       "candidates_dropped": result.candidates_dropped}, indent=1))
+  table = io.StringIO()
+  writer = csv.writer(table)
+  writer.writerow(["class", "category_id", "AP", "AP50"])
+  for (name, ap), category_id in zip(result.per_class_ap.items(), category_ids):
+    writer.writerow([name, category_id, f"{ap['AP']:.5f}", f"{ap['AP50']:.5f}"])
+  (out_dir / "per_class_ap.csv").write_text(table.getvalue())
+  plots.save_pr_curves(result.pr_recall, result.pr_precision, class_names, out_dir / "pr_curve.png")
+  plots.save_confusion_matrix(result.confusion_matrix, class_names, out_dir / "confusion_matrix.png")
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ checkpoints that the official detect.py/val.py load directly:
   python export.py --checkpoint=... --architecture=yolov9-t --output=exported/yolov9-t \
       --official_repo=../yolov9 --official_python=../yolov9/.venv/bin/python --class_names=cat,dog
 """
-import pathlib
 import sys
 
 from absl import app, flags
 from flax import serialization
 
 from configs import common
-from yolov9_jax import interop, models
+from yolov9_jax import interop, models, paths
 from yolov9_jax.training import checkpoint
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -48,7 +47,7 @@ _EMA = flags.DEFINE_bool("ema", True, "export the EMA weights of a training stat
 def load_variables(path, ema=True):
   """(model variables ``{"params", "batch_stats"}``, the run's checkpoint metadata or None) from
   one of our checkpoints (see --checkpoint): of a training state, its EMA weights when ``ema``."""
-  path = pathlib.Path(path)
+  path = paths.user_path(path)
   if path.is_dir():  # a workdir or a checkpoint of train.py: the model comes from its config
     _, variables, meta = checkpoint.load_model_variables(path, ema=ema)
     return variables, meta

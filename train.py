@@ -8,6 +8,7 @@ Every host of a multi-host job runs the same command with --config.distributed=T
 same command again resumes from the workdir's latest checkpoint, exactly. SIGTERM saves and exits.
 """
 import json
+import os
 import pathlib
 import sys
 import time
@@ -24,7 +25,7 @@ from absl import app, flags, logging  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from yolov9_jax import models  # noqa: E402
+from yolov9_jax import models, paths  # noqa: E402
 from yolov9_jax.data import eval_batches, pipeline, sources, visualize  # noqa: E402
 from yolov9_jax.evaluation import evaluator  # noqa: E402
 from yolov9_jax.training import checkpoint, config_checks, sharding  # noqa: E402
@@ -32,7 +33,7 @@ from yolov9_jax.training import optimizer as optim  # noqa: E402
 from yolov9_jax.training import state as train_state  # noqa: E402
 from yolov9_jax.training import step as train_step  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parent
+REPO = pathlib.Path(__file__).resolve().parent  # local: this repository
 config_flags.DEFINE_config_file("config", str(REPO / "configs" / "shapes_demo.py"),
                                 "Training config: a configs/*.py file[:argument].", lock_config=True)
 flags.DEFINE_string("workdir", "", "Checkpoints, logs and plots (default: runs/<config file name>).")
@@ -54,8 +55,8 @@ def init_variables(model, config, num_classes):
 
 def load_weights(path, model_name):
   """EMA weights of one of our workdirs / checkpoints, or a weights file (official .pt /
-  .safetensors, .msgpack, .npz)."""
-  if pathlib.Path(path).is_dir():
+  .safetensors, .msgpack, .npz); local or on cloud storage."""
+  if paths.user_path(path).is_dir():
     _, variables, _ = checkpoint.load_model_variables(path)
     return variables
   return evaluator.load_variables(path, model_name)
@@ -68,8 +69,7 @@ def log_scalars(writer, jsonl_path, step, scalars):
   with writer.as_default(step=step):
     for name, value in scalars.items():
       tf.summary.scalar(name, value)
-  with open(jsonl_path, "a") as f:
-    f.write(json.dumps({"step": step, **scalars}) + "\n")
+  paths.append_text(jsonl_path, json.dumps({"step": step, **scalars}) + "\n")
 
 
 def log_eval_images(writer, step, result, source, category_ids, class_names, count):
@@ -103,7 +103,7 @@ def train(config, workdir):
   jax.config.update("jax_compilation_cache_dir", str(REPO / ".cache" / "jax"))
   mesh = sharding.make_mesh()
   config_checks.validate(config, mesh.size)
-  workdir = pathlib.Path(workdir)
+  workdir = paths.user_path(workdir)
   is_main_process = jax.process_index() == 0
   if is_main_process:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -237,7 +237,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save and read at INFO
   config_file = FLAGS["config"].config_filename.split(":")[0]
-  train(FLAGS.config, FLAGS.workdir or REPO / "runs" / pathlib.Path(config_file).stem)
+  config_name = os.path.splitext(os.path.basename(config_file))[0]
+  train(FLAGS.config, FLAGS.workdir or REPO / "runs" / config_name)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ xla_flags.use_fast_cpu_convolutions()  # before JAX starts
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import pathlib  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 
@@ -40,7 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from yolov9_jax import losses, models  # noqa: E402
+from yolov9_jax import losses, models, paths  # noqa: E402
 from yolov9_jax.data import pipeline, sources  # noqa: E402
 from yolov9_jax.evaluation import evaluator, inference  # noqa: E402
 from yolov9_jax.training import optimizer as optim  # noqa: E402
@@ -177,7 +176,7 @@ def timed_steps(run_step, steps, warmup, profile_dir=None):
 
 
 def profile_dir(args, benchmark):
-  return pathlib.Path(args.profile_dir) / benchmark if args.profile_dir else None
+  return paths.user_path(args.profile_dir) / benchmark if args.profile_dir else None
 
 
 class TrainBench:
@@ -353,7 +352,7 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   if args.compilation_cache:
-    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(args.compilation_cache).absolute()))
+    jax.config.update("jax_compilation_cache_dir", os.fspath(paths.absolute(args.compilation_cache)))
   mesh = sharding.make_mesh()
   device = jax.devices()[0]
   chosen = args.benchmarks.split(",")

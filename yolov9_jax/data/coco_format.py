@@ -14,11 +14,12 @@ import collections
 import dataclasses
 import io
 import json
-import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
+
+from yolov9_jax import paths
 
 CATEGORIES_FILE = "categories.json"
 EXIF_ORIENTATION = 0x0112
@@ -54,18 +55,19 @@ def _load_rgb(path, report):
   """The image's original bytes when they decode to plain RGB as stored, else a converted RGB
   array (TFDS stores it losslessly): (bytes or array, (height, width)), or (None, None)."""
   try:
-    with Image.open(path) as image:
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
       image.load()  # decodes fully: truncated files fail here
       rotated = image.getexif().get(EXIF_ORIENTATION, 1) != 1
       needs_rgb = image.mode != "RGB"
       if not rotated and not needs_rgb and image.format in ("JPEG", "PNG"):
-        return pathlib.Path(path).read_bytes(), (image.height, image.width)
+        return data, (image.height, image.width)
       report.exif_rotated += rotated
       report.converted_to_rgb += needs_rgb
       rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
       return rgb, rgb.shape[:2]
   except (OSError, SyntaxError, ValueError):
-    report.skipped_unreadable.append(pathlib.Path(path).name)
+    report.skipped_unreadable.append(path.name)
     return None, (None, None)
 
 
@@ -74,7 +76,7 @@ def _examples(coco, images_dir, label_of_id, report):
   for annotation in coco.get("annotations", []):
     annotations_by_image[annotation["image_id"]].append(annotation)
   for info in coco["images"]:
-    image, (height, width) = _load_rgb(pathlib.Path(images_dir) / info["file_name"], report)
+    image, (height, width) = _load_rgb(paths.user_path(images_dir) / info["file_name"], report)
     if image is None:
       continue
     objects = {"bbox": [], "label": [], "category_id": [], "is_crowd": []}
@@ -101,7 +103,7 @@ def _examples(coco, images_dir, label_of_id, report):
 
 
 def _load_json(annotations):
-  return annotations if isinstance(annotations, dict) else json.loads(pathlib.Path(annotations).read_text())
+  return annotations if isinstance(annotations, dict) else json.loads(paths.user_path(annotations).read_text())
 
 
 def prepare(annotations, images_dir, data_dir, name, split="train", version="1.0.0"):
@@ -133,12 +135,12 @@ def prepare_splits(splits, data_dir, name, version="1.0.0"):
       split_datasets={split: _examples(cocos[split], images_dir, label_of_id, reports[split])
                       for split, (_, images_dir) in splits.items()},
       data_dir=str(data_dir), file_format="array_record", disable_shuffling=True)
-  (pathlib.Path(builder.data_dir) / CATEGORIES_FILE).write_text(json.dumps(
+  (paths.user_path(builder.data_dir) / CATEGORIES_FILE).write_text(json.dumps(
       [{"label": label, "id": c["id"], "name": c["name"]} for label, c in enumerate(categories)]))
   return builder, reports
 
 
 def category_ids(builder):
   """label -> the dataset's own category id, as prepared (for evaluation and export)."""
-  entries = json.loads((pathlib.Path(builder.data_dir) / CATEGORIES_FILE).read_text())
+  entries = json.loads((paths.user_path(builder.data_dir) / CATEGORIES_FILE).read_text())
   return [entry["id"] for entry in sorted(entries, key=lambda e: e["label"])]

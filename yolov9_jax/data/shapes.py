@@ -53,7 +53,7 @@ def generate(out_dir, num_images=256, image_hw=(256, 256), max_objects=8, seed=0
   Each image's content depends only on (seed, image index). Image sizes vary around ``image_hw``
   (0.75x to 1.25x per side) so that letterboxing is exercised.
   """
-  out_dir = pathlib.Path(out_dir)
+  out_dir = pathlib.Path(out_dir)  # local: generated on this machine's disk (cv2.imwrite)
   (out_dir / "images").mkdir(parents=True, exist_ok=True)
   images, annotations = [], []
   for index in range(num_images):

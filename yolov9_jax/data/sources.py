@@ -1,10 +1,11 @@
 """The datasets a training config names: a prepared TFDS dataset, or the built-in shapes set
 (generated and prepared on first use). Both come back as random-access TFDS data sources."""
 import dataclasses
-import pathlib
+import os
 
 import tensorflow_datasets as tfds
 
+from yolov9_jax import paths
 from yolov9_jax.data import coco_format, shapes
 from yolov9_jax.evaluation import coco_metrics
 
@@ -21,7 +22,10 @@ class Datasets:
 def shapes_builder(data_dir, num_train, num_val, image_hw, seed=0):
   """The shapes set with ``num_train`` / ``num_val`` images, generated and prepared once under
   ``data_dir`` (reused when it is already there). Returns (builder, val annotations path)."""
-  data_dir = pathlib.Path(data_dir).absolute()
+  if paths.is_remote(data_dir):
+    raise ValueError(f"data.data_dir={data_dir}: the shapes set is generated on a local disk; "
+                     "generate it locally and copy the prepared folder, or use data.source=tfds")
+  data_dir = paths.user_path(data_dir).absolute()
   name = f"shapes_{num_train}_{num_val}_{image_hw[0]}x{image_hw[1]}_seed{seed}"
   raw = data_dir / "raw" / name
   val_annotations = raw / "validation" / "annotations.json"
@@ -43,12 +47,13 @@ def open_datasets(data_config):
   """``data_config``: the config's ``data`` field (see configs/common.py)."""
   if data_config.source == "shapes":
     builder, annotations = shapes_builder(
-        data_config.data_dir or pathlib.Path(".cache") / "datasets", data_config.shapes.num_train,
+        data_config.data_dir or ".cache/datasets", data_config.shapes.num_train,
         data_config.shapes.num_val, tuple(data_config.shapes.image_hw), data_config.shapes.seed)
     eval_annotations = str(annotations)
   elif data_config.source == "tfds":
     try:
-      builder = tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
+      builder = tfds.builder(data_config.name, data_dir=data_config.data_dir and os.fspath(
+          paths.user_path(data_config.data_dir)) or None)
     except Exception as error:  # noqa: BLE001
       raise FileNotFoundError(
           f"config field data.name={data_config.name!r}: no prepared TFDS dataset of that name in "
@@ -57,7 +62,7 @@ def open_datasets(data_config):
   else:
     raise ValueError(f"config field data.source={data_config.source!r}: expected 'tfds' or 'shapes'")
   names = list(data_config.class_names) or list(builder.info.features["objects"]["label"].names)
-  categories_file = pathlib.Path(builder.data_dir) / coco_format.CATEGORIES_FILE
+  categories_file = paths.user_path(builder.data_dir) / coco_format.CATEGORIES_FILE
   if categories_file.exists():
     category_ids = coco_format.category_ids(builder)
   elif data_config.name.startswith("coco/"):

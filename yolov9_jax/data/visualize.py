@@ -4,6 +4,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
+from yolov9_jax import paths
+
 _PALETTE = [(255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 157, 151), (146, 204, 23),
             (255, 178, 29), (207, 210, 49), (61, 219, 134), (26, 147, 52), (0, 212, 187)]
 
@@ -39,5 +41,7 @@ def draw_boxes(image, boxes_xyxy_px, labels, class_names, scores=None):
 
 
 def save_batch_grid(batch, class_names, path, max_images=16):
-  batch_grid(batch, class_names, max_images).save(path)
+  """Writes ``batch_grid`` as a PNG to ``path`` (local or remote)."""
+  with paths.user_path(path).open("wb") as file:
+    batch_grid(batch, class_names, max_images).save(file, format="PNG")
   return path

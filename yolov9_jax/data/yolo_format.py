@@ -4,12 +4,12 @@ which ``coco_format.prepare`` then writes as a TFDS dataset like any other sourc
 A label line is ``class cx cy w h`` normalised to the (EXIF-oriented) image, or ``class x1 y1 x2
 y2 ...`` for a polygon, whose box is its extent. Category ids are the YOLO class indices.
 """
-import pathlib
 
 import yaml
 from PIL import Image
 
 from yolov9_jax.data.coco_format import EXIF_ORIENTATION
+from yolov9_jax.paths import user_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _ORIENTATIONS_SWAPPING_SIDES = (5, 6, 7, 8)
@@ -17,7 +17,7 @@ _ORIENTATIONS_SWAPPING_SIDES = (5, 6, 7, 8)
 
 def class_names(dataset_yaml):
   """The ``names`` of a YOLO dataset YAML, a list or a {class index: name} mapping, as a list."""
-  names = yaml.safe_load(pathlib.Path(dataset_yaml).read_text())["names"]
+  names = yaml.safe_load(user_path(dataset_yaml).read_text())["names"]
   return [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
 
 
@@ -37,7 +37,7 @@ def _oriented_size(path):
 def to_coco(images_dir, labels_dir, names):
   """A COCO instances dict for every image under ``images_dir`` (sorted, recursively), with the
   boxes of the matching ``labels_dir/<relative path>.txt`` (a missing file: no objects)."""
-  images_dir, labels_dir = pathlib.Path(images_dir), pathlib.Path(labels_dir)
+  images_dir, labels_dir = user_path(images_dir), user_path(labels_dir)
   images, annotations = [], []
   paths = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
   for image_id, path in enumerate(paths, start=1):

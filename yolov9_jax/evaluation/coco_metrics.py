@@ -1,10 +1,13 @@
 """Detections to COCO results, and COCO metrics with pycocotools (the official protocol's scorer)."""
 import contextlib
 import io
+import json
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from yolov9_jax import paths
 
 # COCO's 80 training classes -> the dataset's category ids 1..90 (with gaps), in label order.
 COCO80_TO_91 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24,
@@ -35,10 +38,10 @@ def to_coco_results(boxes_xyxy_px, scores, labels, count, image_id, category_ids
 
 
 def load_ground_truth(ground_truth):
-  """A pycocotools ``COCO`` from an instances JSON path or an already loaded dict."""
+  """A pycocotools ``COCO`` from an instances JSON path (local or remote) or a loaded dict."""
+  if not isinstance(ground_truth, dict):
+    ground_truth = json.loads(paths.user_path(ground_truth).read_text())
   with contextlib.redirect_stdout(io.StringIO()):
-    if not isinstance(ground_truth, dict):
-      return COCO(str(ground_truth))
     coco = COCO()
     coco.dataset = ground_truth
     coco.createIndex()

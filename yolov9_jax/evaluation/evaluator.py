@@ -17,7 +17,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import pathlib
+import io
 import pickle
 import time
 
@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from yolov9_jax import interop, models
+from yolov9_jax import interop, models, paths
 from yolov9_jax.data import eval_batches, pipeline
 from yolov9_jax.evaluation import coco_metrics, inference, nms
 
@@ -412,7 +412,7 @@ def load_variables(path, model_name, num_classes=None):
   PyTorch checkpoints (``.pt``, ``.safetensors``) through ``interop.load_torch_checkpoint`` where
   this version has it. ``num_classes`` is read from the file when None, else checked.
   """
-  path = pathlib.Path(path)
+  path = paths.user_path(path)
   if model_name not in models.ARCHITECTURES:
     raise ValueError(f"unknown model {model_name!r}; expected one of {sorted(models.ARCHITECTURES)}")
   if path.is_dir():  # a train.py workdir or checkpoint: its EMA weights
@@ -432,7 +432,7 @@ def load_variables(path, model_name, num_classes=None):
     # (a "-converted" yolov9 file is a gelan one).
     _, variables, _ = interop.load_torch_checkpoint(path, config=model_name, num_classes=num_classes)
   elif suffix == ".npz":
-    with np.load(path) as arrays:
+    with np.load(io.BytesIO(path.read_bytes())) as arrays:
       variables = flax.traverse_util.unflatten_dict({k: arrays[k] for k in arrays.files}, sep="/")
   elif suffix == ".msgpack":
     variables = flax.serialization.msgpack_restore(path.read_bytes())

@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import os
-import pathlib
 import pickle
 import shutil
 import struct
@@ -34,7 +33,7 @@ import safetensors
 import safetensors.numpy
 from numpy._core import multiarray
 
-from yolov9_jax import models
+from yolov9_jax import models, paths
 from yolov9_jax.interop.state_dict import (expected_state_dict_shapes, from_torch_state_dict,
                                            to_torch_state_dict)
 
@@ -293,8 +292,12 @@ def read_state_dict(path):
   ``dtype`` (the float dtype(s) of the tensors). Raises ``UnsafeCheckpointError`` for a file that
   references anything else than tensors, containers and module classes.
   """
-  path = pathlib.Path(path)
-  with open(path, "rb") as file:
+  with paths.local_file(path) as local:  # a file on cloud storage is read from a local copy
+    return _read_local_state_dict(local)
+
+
+def _read_local_state_dict(path):
+  with path.open("rb") as file:
     magic = file.read(8)
   if path.suffix == ".safetensors":
     state_dict = safetensors.numpy.load_file(path)
@@ -458,7 +461,11 @@ def save_torch_state_dict(path, state_dict):
   """Writes ``{key: array}`` as ``torch.save(OrderedDict)`` does, without PyTorch: the zip archive
   ``<stem>/data.pkl``, ``<stem>/data/<i>`` (raw little-endian storages), ``version``,
   ``byteorder`` and the other records of PyTorch's current format."""
-  path = pathlib.Path(path)
+  path = paths.user_path(path)
+  if paths.is_remote(path):  # written locally (an atomic rename), then copied
+    with paths.local_dir(path.parent) as folder:
+      save_torch_state_dict(folder / path.name, state_dict)
+    return
   arrays = collections.OrderedDict()
   for key, value in state_dict.items():
     array = np.asarray(value, order="C")
@@ -554,7 +561,7 @@ def write_official_checkpoint(state_dict_path, architecture, output_path, offici
   checkout of WongKinYiu/yolov9, ``python`` an interpreter with PyTorch and its requirements.
   ``class_names`` default to class0, class1, ...; ``hyp`` (``official_hyperparameters``) to
   none (an empty dict); the floats keep the state_dict's precision."""
-  model_yaml = pathlib.Path(official_repository) / "models" / "detect" / f"{architecture}.yaml"
+  model_yaml = paths.user_path(official_repository) / "models" / "detect" / f"{architecture}.yaml"
   if not model_yaml.is_file():
     raise ValueError(f"{official_repository} is not a checkout of the official repository: it has "
                      f"no {model_yaml.relative_to(official_repository)}")
@@ -590,7 +597,16 @@ def export_official_weights(architecture, variables, output_prefix, dtype="float
   """
   # Imported here: evaluation modules import interop, so a module-level import could be circular.
   from yolov9_jax.evaluation import inference
-  output_prefix = pathlib.Path(output_prefix)
+  output_prefix = paths.user_path(output_prefix)
+  with paths.local_dir(output_prefix.parent) as folder:  # remote outputs: written, then copied
+    written = _export_official_weights(
+        architecture, variables, folder / output_prefix.name, inference, dtype,
+        official_repository, class_names, hyp, python)
+  return [output_prefix.parent / path.name for path in written]
+
+
+def _export_official_weights(architecture, variables, output_prefix, inference, dtype,
+                             official_repository, class_names, hyp, python):
   state_dict = to_torch_state_dict(architecture, variables)
   try:
     from_torch_state_dict(architecture, state_dict)

@@ -7,7 +7,6 @@ renames it when complete, so a process killed during a save leaves the previous 
 restorable.
 """
 import json
-import pathlib
 import signal
 import time
 
@@ -15,6 +14,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from yolov9_jax import paths
 
 LAST, BEST, DAMAGED = "checkpoints", "best", "damaged_checkpoints"
 
@@ -24,7 +25,7 @@ class Checkpoints:
   after an evaluation, ``restore_latest(abstract_state)``."""
 
   def __init__(self, workdir, keep=3):
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = paths.absolute(workdir)
     self.last = ocp.CheckpointManager(
         workdir / LAST, options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                                              enable_async_checkpointing=True))
@@ -113,7 +114,7 @@ class Checkpoints:
 
 def _step_directory(path):
   """A step directory from a workdir, its checkpoints/ or best/ folder, or a step directory."""
-  path = pathlib.Path(path).absolute()
+  path = paths.absolute(path)
   if (path / LAST).is_dir():
     path = path / LAST
   if (path / "state").is_dir():
