@@ -159,8 +159,10 @@ def train(config, workdir):
     nonlocal best_fitness, eval_images_hw
     if config.eval.rectangular and eval_images_hw is None:
       eval_images_hw = evaluator.images_hw(data.eval)
+    # Gathered from every process where shard_state splits the EMA over hosts.
+    ema_variables = state.layout.variables(*sharding.to_host((state.ema_params, state.ema_batch_stats)))
     result = evaluator.evaluate(
-        config.model.name, jax.device_get(state.ema_variables()), data.eval, data.category_ids,
+        config.model.name, ema_variables, data.eval, data.category_ids,
         class_names=data.class_names, image_size=config.augment.image_size,
         batch_size=config.eval.batch_size, ground_truth=data.eval_annotations or None, mesh=mesh,
         conf_threshold=config.eval.conf_threshold, iou_threshold=config.eval.iou_threshold,

@@ -16,6 +16,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 import train  # noqa: E402
 from configs import coco, shapes_demo  # noqa: E402
+from yolov9_jax import interop  # noqa: E402
 from yolov9_jax.data import sources  # noqa: E402
 from yolov9_jax.training import checkpoint, config_checks  # noqa: E402
 from yolov9_jax.training import state as train_state  # noqa: E402
@@ -208,21 +209,24 @@ import train
 from test_train_loop import _tiny_config
 config = _tiny_config({data_dir!r})
 config.update(distributed=True, coordinator_address={address!r}, num_processes=2, process_id={index})
-config.train.update(batch_size=2, epochs=1, steps_per_epoch=3)
+config.train.update(batch_size=2, epochs={epochs}, steps_per_epoch=3, shard_state={shard_state})
 config.eval.batch_size = 2
 state, result = train.train(config, {workdir!r})
 assert jax.process_count() == 2 and len(jax.devices()) == 2
 # The COCO evaluation runs on process 0; every process gets its metrics.
 assert set(result.metrics) >= {{"AP", "AP50"}}
 print("metrics", result.metrics["AP"], result.metrics["AP50"])
-np.save({out!r}, np.asarray(jax.device_get(state.params)))
+from yolov9_jax.training import sharding
+params, ema_params = sharding.to_host((state.params, state.ema_params))  # gathered when sharded
+np.save({out!r}, np.stack([params, ema_params]))
 """
 
 
-def test_two_processes_train_in_lockstep_and_end_with_identical_parameters(straight_run, tmp_path):
+def _run_two_processes(config, workdir, out_prefix, epochs=1, shard_state=False):
+  """Runs train.train in two jax.distributed processes on localhost; returns their outputs and
+  the (params, EMA params) each ended with."""
   import socket
   import subprocess
-  config, _, _, _ = straight_run
   with socket.socket() as probe:
     probe.bind(("127.0.0.1", 0))
     address = f"127.0.0.1:{probe.getsockname()[1]}"
@@ -231,7 +235,8 @@ def test_two_processes_train_in_lockstep_and_end_with_identical_parameters(strai
   for index in range(2):
     script = _PROCESS.format(repo=str(REPO_ROOT), tests=str(tests), cache=str(REPO_ROOT / ".cache" / "jax"),
                              data_dir=config.data.data_dir, address=address, index=index,
-                             workdir=str(tmp_path / "run"), out=str(tmp_path / f"params{index}.npy"))
+                             workdir=str(workdir), out=f"{out_prefix}{index}.npy", epochs=epochs,
+                             shard_state=shard_state)
     processes.append(subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
   try:
@@ -241,8 +246,43 @@ def test_two_processes_train_in_lockstep_and_end_with_identical_parameters(strai
       if p.poll() is None:
         p.kill()
   assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  return outputs, [np.load(f"{out_prefix}{index}.npy") for index in range(2)]
+
+
+def test_two_processes_train_in_lockstep_and_end_with_identical_parameters(straight_run, tmp_path):
+  config, _, _, _ = straight_run
+  outputs, (first, second) = _run_two_processes(config, tmp_path / "run", tmp_path / "params")
   metrics = [[line for line in out.splitlines() if line.startswith("metrics ")] for out in outputs]
   assert len(metrics[0]) == 1 and metrics[0] == metrics[1], metrics
-  first, second = (np.load(tmp_path / f"params{i}.npy") for i in range(2))
   np.testing.assert_array_equal(first, second)
   assert np.isfinite(first).all()
+
+
+def test_two_processes_with_sharded_state_evaluate_save_resume_and_export(straight_run, tmp_path):
+  """train.shard_state across processes: no process holds the whole EMA; the evaluation gathers
+  it, the checkpoints (last and best) are written by both, resumed by both, and read back whole
+  by one process for export."""
+  config, _, _, _ = straight_run
+  workdir = tmp_path / "run"
+  outputs, ended = _run_two_processes(config, workdir, tmp_path / "first", shard_state=True)
+  np.testing.assert_array_equal(ended[0], ended[1])  # each gathered the same whole vectors
+  checkpoints = checkpoint.Checkpoints(workdir)
+  assert checkpoints.latest_step() == 3 and checkpoints.best.all_steps() == [3]
+  checkpoints.close()
+  outputs, resumed = _run_two_processes(config, workdir, tmp_path / "second", epochs=2,
+                                        shard_state=True)
+  assert all(f"resumed from {workdir} at step 3" in out for out in outputs), outputs[0][-2000:]
+  np.testing.assert_array_equal(resumed[0], resumed[1])
+  assert not np.array_equal(resumed[0], ended[0]) and np.isfinite(resumed[0]).all()
+
+  # One process reads the checkpoint the two wrote (it names devices this process lacks).
+  name, variables, meta = checkpoint.load_model_variables(workdir)
+  assert name == "gelan-t" and meta["config"]["train"]["shard_state"]
+  flat_ema = train_state.Layout.of(variables).flatten_params(variables["params"])
+  np.testing.assert_array_equal(np.asarray(flat_ema), resumed[0][1][:flat_ema.size])
+  export = importlib.import_module("export")
+  exported_variables, _ = export.load_variables(workdir)
+  written = interop.export_official_weights("gelan-t", exported_variables, tmp_path / "out" / "gelan-t")
+  _, loaded, _ = interop.load_torch_checkpoint(written[0])
+  for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(got, want)

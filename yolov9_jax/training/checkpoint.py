@@ -134,7 +134,7 @@ def load_model_variables(path, ema=True):
   from yolov9_jax import models  # noqa: PLC0415  (training.state imports nothing of models)
   from yolov9_jax.training import state as train_state  # noqa: PLC0415
   step_directory = _step_directory(path)
-  state = ocp.StandardCheckpointer().restore(step_directory / "state")
+  state = _restore_as_numpy(step_directory / "state")
   meta = json.loads((step_directory / "meta" / "metadata").read_text())  # orbax's JSON item
   name = meta["config"]["model"]["name"]
   model = models.build(name, num_classes=len(meta["class_names"]))
@@ -143,6 +143,14 @@ def load_model_variables(path, ema=True):
   layout = train_state.Layout.of(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
   prefix = "ema_" if ema else ""
   return name, layout.variables(state[f"{prefix}params"], state[f"{prefix}batch_stats"]), meta
+
+
+def _restore_as_numpy(directory):
+  """The arrays of an orbax checkpoint as NumPy arrays, whatever devices and processes saved them
+  (a checkpoint of a sharded state names devices this process may not have)."""
+  checkpointer = ocp.StandardCheckpointer()
+  saved = checkpointer.metadata(directory).item_metadata.tree
+  return checkpointer.restore(directory, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), saved))
 
 
 def _first_line(error):

@@ -5,6 +5,7 @@ vectors (weights, EMA, momentum, gradient sum) split along "data" too: each devi
 Decided here and nowhere else; the model knows nothing of devices."""
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -47,6 +48,16 @@ def jit_train_step(step_fn, state, mesh, shard_state=False):
   shardings = state_shardings(state, mesh, shard_state)
   return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)),
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+
+def to_host(tree):
+  """NumPy copies of ``tree``'s global arrays on this process. An array no single process holds
+  whole (``shard_state`` across hosts) is gathered from all: every process must call this."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(get, tree)
 
 
 def put_state(state, mesh, shard_state=False):
