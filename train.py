@@ -99,7 +99,8 @@ def train(config, workdir):
   if config.distributed:
     explicit = config.coordinator_address and config.num_processes > 0 and config.process_id >= 0
     jax.distributed.initialize(*(
-        (config.coordinator_address, config.num_processes, config.process_id) if explicit else ()))
+        (config.coordinator_address, config.num_processes, config.process_id) if explicit else ()),
+        heartbeat_timeout_seconds=config.heartbeat_timeout_seconds)
   jax.config.update("jax_compilation_cache_dir", str(REPO / ".cache" / "jax"))
   mesh = sharding.make_mesh()
   config_checks.validate(config, mesh.size)
@@ -235,12 +236,30 @@ def train(config, workdir):
   return state, result
 
 
+def run(config, workdir):
+  """``train``, with the message a multi-process job needs when another process dies: on the
+  CPU a collective fails at once; on accelerators it waits until the coordination service sees
+  the lost heartbeats and stops every process (``config.heartbeat_timeout_seconds``)."""
+  try:
+    return train(config, workdir)
+  except jax.errors.JaxRuntimeError as error:
+    if jax.process_count() == 1:
+      raise
+    sys.exit(f"train.py, process {jax.process_index()} of {jax.process_count()}: a step across "
+             f"processes failed ({str(error).strip().splitlines()[0][:300]}). Another process has "
+             f"most likely died (a preempted or crashed host): the JAX coordination service names "
+             f"it in this log and stops the remaining processes within "
+             f"config.heartbeat_timeout_seconds={config.heartbeat_timeout_seconds}. Run the same "
+             f"command on every host again to resume from the last checkpoint in "
+             f"{paths.user_path(workdir) / checkpoint.LAST}.")
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save and read at INFO
   config_file = FLAGS["config"].config_filename.split(":")[0]
   config_name = os.path.splitext(os.path.basename(config_file))[0]
-  train(FLAGS.config, FLAGS.workdir or REPO / "runs" / config_name)
+  run(FLAGS.config, FLAGS.workdir or REPO / "runs" / config_name)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ def base() -> ml_collections.ConfigDict:
   config.coordinator_address = ""  # "host0:1234"
   config.num_processes = 0
   config.process_id = -1
+  # A process that stops sending heartbeats this long (a preempted or crashed host) makes the JAX
+  # coordination service stop every other process, which would otherwise wait in the next
+  # collective forever. Heartbeats come from a background thread, so long compilations and
+  # checkpoint writes do not count; a minute bounds what a pod loses (JAX's default: 100 s).
+  config.heartbeat_timeout_seconds = 60
   config.model = ml_collections.ConfigDict(dict(
       name="yolov9-c",
       dtype="float32",      # compute dtype: bfloat16 on accelerators; params and BN stay float32

@@ -3,9 +3,13 @@ SIGTERM, stops on repeated non-finite steps, rejects bad config values, fine-tun
 import importlib
 import os
 import pathlib
+import re
 import shutil
 import signal
+import socket
+import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -222,31 +226,95 @@ np.save({out!r}, np.stack([params, ema_params]))
 """
 
 
-def _run_two_processes(config, workdir, out_prefix, epochs=1, shard_state=False):
-  """Runs train.train in two jax.distributed processes on localhost; returns their outputs and
-  the (params, EMA params) each ended with."""
-  import socket
-  import subprocess
+def _start_two_processes(template, config, workdir, **fields):
+  """Starts ``template`` (a script) as two jax.distributed processes on localhost."""
   with socket.socket() as probe:
     probe.bind(("127.0.0.1", 0))
     address = f"127.0.0.1:{probe.getsockname()[1]}"
   tests = pathlib.Path(__file__).parent
   processes = []
   for index in range(2):
-    script = _PROCESS.format(repo=str(REPO_ROOT), tests=str(tests), cache=str(REPO_ROOT / ".cache" / "jax"),
+    script = template.format(repo=str(REPO_ROOT), tests=str(tests), cache=str(REPO_ROOT / ".cache" / "jax"),
                              data_dir=config.data.data_dir, address=address, index=index,
-                             workdir=str(workdir), out=f"{out_prefix}{index}.npy", epochs=epochs,
-                             shard_state=shard_state)
+                             workdir=str(workdir), **{k: v.format(index=index) if isinstance(v, str)
+                                                      else v for k, v in fields.items()})
     processes.append(subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
+  return processes
+
+
+def _finish(processes, timeout=600):
+  """The processes' outputs, once they ended; any still running after ``timeout`` is killed
+  (only our own children, by PID)."""
   try:
-    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    return [p.communicate(timeout=timeout)[0] for p in processes]
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+
+
+def _run_two_processes(config, workdir, out_prefix, epochs=1, shard_state=False):
+  """Runs train.train in two jax.distributed processes on localhost; returns their outputs and
+  the (params, EMA params) each ended with."""
+  processes = _start_two_processes(_PROCESS, config, workdir, out=f"{out_prefix}{{index}}.npy",
+                                   epochs=epochs, shard_state=shard_state)
+  outputs = _finish(processes)
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  return outputs, [np.load(f"{out_prefix}{index}.npy") for index in range(2)]
+
+
+_KILLABLE = """
+import os, sys
+os.environ["XLA_FLAGS"] = ("--xla_cpu_experimental_ynn_fusion_type= --xla_force_host_platform_device_count=1"
+                           " --xla_backend_optimization_level=0")
+sys.path[:0] = [{repo!r}, {tests!r}]
+import jax
+jax.config.update("jax_compilation_cache_dir", {cache!r})
+import train
+from test_train_loop import _tiny_config
+config = _tiny_config({data_dir!r})
+config.update(distributed=True, coordinator_address={address!r}, num_processes=2, process_id={index},
+              heartbeat_timeout_seconds={heartbeat})
+config.train.update(batch_size=2, epochs=12, steps_per_epoch=3, checkpoint_every_steps=3)
+config.eval.update(batch_size=2, every_epochs=100)
+train.run(config, {workdir!r})
+print("finished")
+"""
+
+
+def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout_and_both_resume(
+    straight_run, tmp_path):
+  config, _, _, _ = straight_run
+  workdir, heartbeat = tmp_path / "run", 10
+  processes = _start_two_processes(_KILLABLE, config, workdir, heartbeat=heartbeat)
+  try:
+    deadline = time.monotonic() + 400
+    while not any(p.name.isdigit() and int(p.name) >= 6 for p in (workdir / checkpoint.LAST).glob("*")):
+      assert time.monotonic() < deadline and all(p.poll() is None for p in processes)
+      time.sleep(0.2)
+    processes[1].kill()  # SIGKILL: no handler runs, as when a host disappears
+    killed = time.monotonic()
+    survivor = _finish(processes[:1], timeout=heartbeat + 60)[0]
+    stopped_after = time.monotonic() - killed
   finally:
     for p in processes:  # only our own children, by PID
       if p.poll() is None:
         p.kill()
-  assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-  return outputs, [np.load(f"{out_prefix}{index}.npy") for index in range(2)]
+        p.wait()
+  assert processes[0].returncode != 0 and "finished" not in survivor
+  assert stopped_after < heartbeat + 30, stopped_after
+  # The coordination service names the lost process (task 1) in the survivor's log.
+  assert re.search(r"Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1", survivor), survivor[-3000:]
+  saved = checkpoint.Checkpoints(workdir)
+  last = saved.latest_step()
+  saved.close()
+  assert last >= 6
+
+  outputs = _finish(_start_two_processes(_KILLABLE, config, workdir, heartbeat=heartbeat))
+  for output in outputs:
+    assert f"resumed from {workdir} at step {last}" in output and "finished" in output, output[-3000:]
 
 
 def test_two_processes_train_in_lockstep_and_end_with_identical_parameters(straight_run, tmp_path):
