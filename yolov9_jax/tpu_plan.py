@@ -1,0 +1,120 @@
+"""Per-chip memory and cost of the real train step on a TPU slice, from the TPU compiler, on any
+machine with the ``libtpu`` package (no TPU needed):
+
+    JAX_PLATFORMS=cpu python -m yolov9_jax.tpu_plan --topology=v5p:2x2x1 --model=yolov9-c \\
+        --batch_size=64 --image_size=640 --dtype=bfloat16 [--shard_state] [--max_boxes=100]
+
+``jax.experimental.topologies`` describes the slice (``v5e:2x2``, ``v5p:2x2x1``, ``v6e:2x2``, and
+multi-host ones such as ``v5e:4x4`` or ``v5p:4x4x4``); the step is train.py's, with its shardings
+(replicated or ``--shard_state``), traced on abstract arguments placed on the slice's devices and
+compiled by XLA:TPU. Prints one JSON line: XLA's per-chip buffer plan (arguments, outputs,
+temporaries, aliased; ``planned_bytes_per_chip`` = arguments + outputs + temporaries - aliased),
+the compiled program's FLOPs and bytes accessed per chip per step (XLA's cost analysis, a hint:
+it is a static count), and the compile time. Compiling yolov9-c at 640 takes minutes.
+"""
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import topologies
+
+from yolov9_jax import losses, models
+from yolov9_jax.training import optimizer as optim
+from yolov9_jax.training import sharding
+from yolov9_jax.training import state as train_state
+from yolov9_jax.training import step as train_step
+
+# HBM per chip, GiB, from Google's TPU data sheets.
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+
+
+def abstract_on(tree, shardings):
+  """ShapeDtypeStructs of ``tree``'s leaves, placed by ``shardings`` (nothing is allocated)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x), sharding=s),
+                      tree, shardings)
+
+
+def compile_train_step(topology_name, model_name, batch_size, image_size, dtype="bfloat16",
+                       shard_state=False, max_boxes=100, num_classes=80):
+  """(compiled train step for the slice, compile seconds, number of chips)."""
+  topology = topologies.get_topology_desc(platform="tpu", topology_name=topology_name)
+  mesh = sharding.make_mesh(topology.devices)
+  sharding.check_batch_size(batch_size, mesh)
+  model = models.build(model_name, num_classes=num_classes, dtype=dtype)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                             train=False))
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  recipe = optim.default_config()
+  tx = optim.make_optimizer(recipe, batch_size)
+  layout = train_state.Layout.of(variables, pad_to=mesh.size if shard_state else 1)
+  state = jax.device_get(train_state.create(
+      variables, layout, tx, accumulate=optim.max_accumulate(recipe, batch_size) > 1))
+  abstract_state = abstract_on(state, sharding.state_shardings(state, mesh, shard_state))
+  batch_sharding = sharding.batch_sharding(mesh)
+  abstract_batch = {
+      "images": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8,
+                                     sharding=batch_sharding),
+      "boxes": jax.ShapeDtypeStruct((batch_size, max_boxes, 4), jnp.float32, sharding=batch_sharding),
+      "classes": jax.ShapeDtypeStruct((batch_size, max_boxes), jnp.int32, sharding=batch_sharding),
+      "valid": jax.ShapeDtypeStruct((batch_size, max_boxes), jnp.bool_, sharding=batch_sharding)}
+  step = train_step.make_train_step(
+      model, tx, num_classes=num_classes, loss_config=losses.default_config(), recipe=recipe,
+      steps_per_epoch=1000, total_epochs=500, global_batch_size=batch_size)
+  jitted = sharding.jit_train_step(step, state, mesh, shard_state)
+  start = time.perf_counter()
+  compiled = jitted.trace(abstract_state, abstract_batch).lower(
+      lowering_platforms=("tpu",)).compile()
+  return compiled, time.perf_counter() - start, mesh.size
+
+
+def plan_record(compiled, compile_seconds, chips, batch_size):
+  """The per-chip numbers of a compiled step (see the module docstring)."""
+  memory = compiled.memory_analysis()
+  planned = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
+             memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
+  per_chip_images = batch_size / chips
+  bytes_accessed = cost.get("bytes accessed")
+  return {"chips": chips, "images_per_chip": per_chip_images,
+          "planned_bytes_per_chip": int(planned),
+          "argument_bytes": int(memory.argument_size_in_bytes),
+          "output_bytes": int(memory.output_size_in_bytes),
+          "temp_bytes": int(memory.temp_size_in_bytes),
+          "alias_bytes": int(memory.alias_size_in_bytes),
+          "flops_per_chip": cost.get("flops"), "bytes_accessed_per_chip": bytes_accessed,
+          "bytes_accessed_per_image": None if bytes_accessed is None else bytes_accessed / per_chip_images,
+          "optimal_seconds_hint": cost.get("optimal_seconds"),
+          "compile_seconds": round(compile_seconds, 1)}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5p:2x2x1, v6e:2x2, v5e:4x4")
+  parser.add_argument("--model", default="yolov9-c", choices=sorted(models.ARCHITECTURES))
+  parser.add_argument("--batch_size", type=int, default=64, help="global, over every chip")
+  parser.add_argument("--image_size", type=int, default=640)
+  parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+  parser.add_argument("--shard_state", action="store_true", help="FSDP, as train.shard_state")
+  parser.add_argument("--max_boxes", type=int, default=100, help="box slots per training image")
+  parser.add_argument("--num_classes", type=int, default=80)
+  args = parser.parse_args(argv)
+  compiled, seconds, chips = compile_train_step(
+      args.topology, args.model, args.batch_size, args.image_size, args.dtype, args.shard_state,
+      args.max_boxes, args.num_classes)
+  record = {"topology": args.topology, "model": args.model, "batch_size": args.batch_size,
+            "image_size": args.image_size, "dtype": args.dtype, "shard_state": args.shard_state,
+            "max_boxes": args.max_boxes, **plan_record(compiled, seconds, chips, args.batch_size)}
+  generation = args.topology.split(":")[0]
+  if generation in HBM_GIB:
+    record["hbm_bytes_per_chip"] = HBM_GIB[generation] * 2**30
+    record["fits"] = record["planned_bytes_per_chip"] <= record["hbm_bytes_per_chip"]
+  print(json.dumps(record), flush=True)
+  return record
+
+
+if __name__ == "__main__":
+  main()
