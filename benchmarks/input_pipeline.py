@@ -15,6 +15,7 @@ import platform
 import tempfile
 import time
 
+import numpy as np
 from PIL import Image
 
 from yolov9_jax.data import coco_format, eval_batches, pipeline, shapes

@@ -123,3 +123,16 @@ def test_the_command_reports_every_benchmark(tmp_path):
   table = out.stdout.split("\n\n")[-1].strip().splitlines()
   assert table[0].startswith("| benchmark | model |") and len(table) == 2 + len(records)
   assert "| train_pipeline | gelan-t | 2 | 64 | float32 | cpu |" in table[-1]
+
+
+def test_the_input_pipeline_benchmark_prints_its_rates(tmp_path):
+  done = subprocess.run(
+      [sys.executable, str(REPO_ROOT / "benchmarks" / "input_pipeline.py"), "--images=8",
+       "--batches=1", "--batch_size=4", "--workers=2", "--window=4"],
+      capture_output=True, text=True, timeout=600, cwd=tmp_path,
+      env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+  assert done.returncode == 0, done.stderr[-3000:]
+  record = json.loads(done.stdout.strip().splitlines()[-1])
+  for name in ("train_mosaic", "train_mosaic_official_partners", "train_mosaic_ram_cache",
+               "eval_letterbox"):
+    assert record[name]["images"] > 0 and record[name]["images_per_second"] > 0, name
