@@ -200,9 +200,10 @@ def test_fine_tuning_keeps_everything_but_the_class_head(gelan_t_20_classes):
         lambda: other.init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)), train=False)))
 
 
-_PROCESS = """
+# One of two jax.distributed processes on localhost, with the tiny config (one device each).
+_PROCESS_SETUP = """
 import os, sys
-# Unoptimised code generation halves the compilation of the train step; three steps run anyway.
+# Unoptimised code generation halves the compilation of the train step; few steps run anyway.
 os.environ["XLA_FLAGS"] = ("--xla_cpu_experimental_ynn_fusion_type= --xla_force_host_platform_device_count=1"
                            " --xla_backend_optimization_level=0")
 sys.path[:0] = [{repo!r}, {tests!r}]
@@ -213,6 +214,9 @@ import train
 from test_train_loop import _tiny_config
 config = _tiny_config({data_dir!r})
 config.update(distributed=True, coordinator_address={address!r}, num_processes=2, process_id={index})
+"""
+
+_PROCESS = _PROCESS_SETUP + """
 config.train.update(batch_size=2, epochs={epochs}, steps_per_epoch=3, shard_state={shard_state})
 config.eval.batch_size = 2
 state, result = train.train(config, {workdir!r})
@@ -265,18 +269,8 @@ def _run_two_processes(config, workdir, out_prefix, epochs=1, shard_state=False)
   return outputs, [np.load(f"{out_prefix}{index}.npy") for index in range(2)]
 
 
-_KILLABLE = """
-import os, sys
-os.environ["XLA_FLAGS"] = ("--xla_cpu_experimental_ynn_fusion_type= --xla_force_host_platform_device_count=1"
-                           " --xla_backend_optimization_level=0")
-sys.path[:0] = [{repo!r}, {tests!r}]
-import jax
-jax.config.update("jax_compilation_cache_dir", {cache!r})
-import train
-from test_train_loop import _tiny_config
-config = _tiny_config({data_dir!r})
-config.update(distributed=True, coordinator_address={address!r}, num_processes=2, process_id={index},
-              heartbeat_timeout_seconds={heartbeat})
+_KILLABLE = _PROCESS_SETUP + """
+config.heartbeat_timeout_seconds = {heartbeat}
 config.train.update(batch_size=2, epochs=12, steps_per_epoch=3, checkpoint_every_steps=3)
 config.eval.update(batch_size=2, every_epochs=100)
 train.run(config, {workdir!r})
