@@ -40,7 +40,7 @@ flags.DEFINE_string("workdir", "", "Checkpoints, logs and plots (default: runs/<
 FLAGS = flags.FLAGS
 
 
-def init_variables(model, config, num_classes):
+def init_variables(model, config):
   """Fresh variables from the config seed; with ``model.init_from``, the checkpoint's weights
   except the class head where the number of classes differs."""
   size = config.augment.image_size
@@ -122,7 +122,7 @@ def train(config, workdir):
   # Model, optimizer, state: fresh, fine-tuned, or resumed from the workdir.
   model = models.build(config.model.name, num_classes=len(data.class_names), dtype=config.model.dtype)
   tx = optim.make_optimizer(config.optimizer, batch_size)
-  variables = init_variables(model, config, len(data.class_names))
+  variables = init_variables(model, config)
   shard_state = config.train.shard_state
   layout = train_state.Layout.of(variables, pad_to=mesh.size if shard_state else 1)
   state = train_state.create(variables, layout, tx,

@@ -8,14 +8,13 @@ dataset is TFDS coco/2017 prepared as array_record (docs/training.md); the publi
 (FACTS.md §9) were trained at a global batch of 128 (8 GPUs x 16) or 64.
 """
 from configs import common
-
-MODELS = ("gelan-t", "gelan-s", "gelan-m", "gelan-c", "gelan-e",
-          "yolov9-t", "yolov9-s", "yolov9-m", "yolov9-c", "yolov9-e")
+from yolov9_jax import models
 
 
 def get_config(model="yolov9-c"):
-  if model not in MODELS:
-    raise ValueError(f"configs/coco.py: unknown model {model!r}; expected one of {MODELS}")
+  if model not in models.ARCHITECTURES:
+    raise ValueError(f"configs/coco.py: unknown model {model!r}; expected one of "
+                     f"{sorted(models.ARCHITECTURES)}")
   config = common.base()
   config.model.name = model
   config.model.dtype = "bfloat16"

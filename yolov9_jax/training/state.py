@@ -98,7 +98,8 @@ def create(variables, layout, tx, accumulate):
 
 def _is_class_head_leaf(path):
   """A leaf of a head's class branch: its last conv has one channel per class, and its width is
-  max(channels, min(classes, 100)) (FACTS.md §1.4), so small models' whole branch may change."""
+  max(channels, min(2 * classes, 128)) (``heads.head_widths``, FACTS.md §1.4), so small models'
+  whole branch may change."""
   return any(_CLASS_BRANCH.match(str(getattr(p, "key", p))) for p in path)
 
 
