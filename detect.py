@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from yolov9_jax import paths
+from yolov9_jax import paths, weights
 from yolov9_jax.data import pipeline, transforms, visualize
 from yolov9_jax.evaluation import coco_metrics, evaluator
 
@@ -88,7 +88,7 @@ def main(argv):
   if FLAGS.image_size % 32:
     raise ValueError(f"--image_size={FLAGS.image_size} is not a multiple of 32 (the largest stride)")
   images_found = image_paths(inputs)
-  variables = evaluator.load_variables(FLAGS.weights, FLAGS.model)
+  variables, _ = weights.load(FLAGS.weights, FLAGS.model)
   mesh = evaluator.default_mesh()
   if FLAGS.batch_size % mesh.size:
     raise ValueError(f"--batch_size={FLAGS.batch_size} is not divisible by the {mesh.size} devices")

@@ -17,7 +17,7 @@ import sys
 
 from absl import flags
 
-from yolov9_jax import paths
+from yolov9_jax import paths, weights
 from yolov9_jax.evaluation import evaluator, plots
 
 # This script's own flags (detect.py has flags of the same names; both run in one test process).
@@ -78,11 +78,11 @@ def main(argv):
   missing = [f"--{name}" for name in REQUIRED if FLAGS[name].value is None]
   if missing:
     raise ValueError(f"eval.py needs {', '.join(missing)}")
-  weights = paths.user_path(FLAGS.weights)
-  if not weights.exists():
-    raise FileNotFoundError(f"weights file or checkpoint directory {weights} does not exist")
+  if not paths.user_path(FLAGS.weights).exists():  # before the dataset is opened
+    raise FileNotFoundError(f"weights file or checkpoint directory "
+                            f"{paths.user_path(FLAGS.weights)} does not exist")
   source, category_ids, class_names = _source(FLAGS.data_dir, FLAGS.dataset, FLAGS.split)
-  variables = evaluator.load_variables(weights, FLAGS.model, num_classes=len(category_ids))
+  variables, _ = weights.load(FLAGS.weights, FLAGS.model, num_classes=len(category_ids))
   annotations = FLAGS.annotations and paths.user_path(FLAGS.annotations)
   if annotations and not annotations.is_file():
     raise FileNotFoundError(f"annotations file {annotations} does not exist")

@@ -17,16 +17,13 @@ checkpoints that the official detect.py/val.py load directly:
 import sys
 
 from absl import app, flags
-from flax import serialization
-
 from configs import common
-from yolov9_jax import interop, models, paths
-from yolov9_jax.training import checkpoint
+from yolov9_jax import interop, models, weights
 
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "our checkpoint: an orbax checkpoint of the training state (a step "
-    "directory of the run's checkpoints, or its 'state' item), or a flax.serialization msgpack of "
-    "the model variables ({'params', 'batch_stats'}) or of a training state", required=True)
+    "checkpoint", None, "the weights: a train.py workdir or one of its checkpoint (step) "
+    "directories, or a weights file (.msgpack or .npz of the model variables, an official .pt "
+    "or .safetensors); local or gs://", required=True)
 _ARCHITECTURE = flags.DEFINE_enum("architecture", None, list(models.ARCHITECTURES),
                                   "the architecture the checkpoint was trained as", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "path prefix of the files written", required=True)
@@ -44,22 +41,6 @@ _EMA = flags.DEFINE_bool("ema", True, "export the EMA weights of a training stat
                          "code saves them) rather than its raw training weights")
 
 
-def load_variables(path, ema=True):
-  """(model variables ``{"params", "batch_stats"}``, the run's checkpoint metadata or None) from
-  one of our checkpoints (see --checkpoint): of a training state, its EMA weights when ``ema``."""
-  path = paths.user_path(path)
-  if path.is_dir():  # a workdir or a checkpoint of train.py: the model comes from its config
-    _, variables, meta = checkpoint.load_model_variables(path, ema=ema)
-    return variables, meta
-  restored = serialization.msgpack_restore(path.read_bytes())
-  prefix = "ema_" if ema and "ema_params" in restored else ""
-  if f"{prefix}params" not in restored:
-    raise ValueError(f"{path} holds {sorted(restored)[:10]}: expected model variables "
-                     "('params', 'batch_stats') or a training state ('ema_params', ...)")
-  return {"params": restored[f"{prefix}params"],
-          "batch_stats": restored.get(f"{prefix}batch_stats", {})}, None
-
-
 def run_config(meta):
   """The training config of the run that saved ``meta`` (its recipe goes into the official
   checkpoints, as the official training's does): the defaults, with the run's saved values."""
@@ -73,7 +54,8 @@ def run_config(meta):
 
 def main(argv):
   del argv
-  variables, meta = load_variables(_CHECKPOINT.value, ema=_EMA.value)
+  variables, info = weights.load(_CHECKPOINT.value, _ARCHITECTURE.value, ema=_EMA.value)
+  meta = info["meta"]
   class_names = _CLASS_NAMES.value or (meta or {}).get("class_names")
   for path in interop.export_official_weights(
       _ARCHITECTURE.value, variables, _OUTPUT.value, dtype=_DTYPE.value,

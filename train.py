@@ -25,7 +25,7 @@ from absl import app, flags, logging  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from yolov9_jax import models, paths  # noqa: E402
+from yolov9_jax import models, paths, weights  # noqa: E402
 from yolov9_jax.data import eval_batches, pipeline, sources, visualize  # noqa: E402
 from yolov9_jax.evaluation import evaluator  # noqa: E402
 from yolov9_jax.training import checkpoint, config_checks, sharding  # noqa: E402
@@ -47,19 +47,10 @@ def init_variables(model, config):
   key = jax.random.key(config.seed)
   variables = jax.jit(lambda: model.init(key, np.zeros((1, size, size, 3), np.float32), train=False))()
   if config.model.init_from:
-    pretrained = load_weights(config.model.init_from, config.model.name)
+    pretrained, _ = weights.load(config.model.init_from, config.model.name)
     variables, fresh = train_state.transfer(pretrained, variables)
     print(f"fine-tuning from {config.model.init_from}; re-initialised: {', '.join(fresh) or 'nothing'}")
   return variables
-
-
-def load_weights(path, model_name):
-  """EMA weights of one of our workdirs / checkpoints, or a weights file (official .pt /
-  .safetensors, .msgpack, .npz); local or on cloud storage."""
-  if paths.user_path(path).is_dir():
-    _, variables, _ = checkpoint.load_model_variables(path)
-    return variables
-  return evaluator.load_variables(path, model_name)
 
 
 def log_scalars(writer, jsonl_path, step, scalars):

@@ -14,6 +14,7 @@ from conftest import REPO_ROOT
 from jax.sharding import Mesh
 from PIL import Image
 
+from yolov9_jax import weights
 from yolov9_jax.data import coco_format, eval_batches, shapes
 from yolov9_jax.evaluation import evaluator, nms
 
@@ -159,14 +160,14 @@ def test_weights_load_back_from_msgpack_and_npz_and_mismatches_are_named(tmp_pat
   npz_path = tmp_path / "weights.npz"
   np.savez(npz_path, **flax.traverse_util.flatten_dict(gelan_t_3_classes, sep="/"))
   for path in (msgpack_path, npz_path):
-    loaded = evaluator.load_variables(path, "gelan-t")
+    loaded = weights.load(path, "gelan-t")[0]
     jax.tree.map(np.testing.assert_array_equal, loaded, gelan_t_3_classes)
   with pytest.raises(ValueError, match="has 3 classes, expected 80"):
-    evaluator.load_variables(msgpack_path, "gelan-t", num_classes=80)
+    weights.load(msgpack_path, "gelan-t", num_classes=80)
   with pytest.raises(ValueError, match="not a gelan-s checkpoint|does not fit gelan-s"):
-    evaluator.load_variables(msgpack_path, "gelan-s")
+    weights.load(msgpack_path, "gelan-s")
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing.msgpack")):
-    evaluator.load_variables(tmp_path / "missing.msgpack", "gelan-t")
+    weights.load(tmp_path / "missing.msgpack", "gelan-t")
 
 
 
@@ -176,10 +177,10 @@ def test_official_pytorch_weights_load_through_interop(tmp_path, gelan_t_3_class
     pytest.skip("this version has no PyTorch checkpoint files (interop.save_torch_state_dict)")
   path = tmp_path / "gelan-t.pt"
   interop.save_torch_state_dict(path, interop.to_torch_state_dict("gelan-t", gelan_t_3_classes))
-  loaded = evaluator.load_variables(path, "gelan-t", num_classes=3)
+  loaded = weights.load(path, "gelan-t", num_classes=3)[0]
   jax.tree.map(np.testing.assert_array_equal, loaded, gelan_t_3_classes)
   with pytest.raises(ValueError, match="yolov9-t"):
-    evaluator.load_variables(path, "yolov9-t")
+    weights.load(path, "yolov9-t")
 
 # The entry points, run in this process (they reuse the compiled detector).
 

@@ -15,10 +15,9 @@ import gcs_emulator
 _SCRIPT = """
 import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
-from yolov9_jax import paths
+from yolov9_jax import interop, paths, weights
 from yolov9_jax.data import sources
 import eval as eval_script
-import export
 import train
 from test_train_loop import _tiny_config
 
@@ -41,8 +40,8 @@ eval_script.main(["eval.py", "--model=gelan-t", "--weights=gs://test-bucket/run"
                   "--data_dir=gs://test-bucket/tfds", "--dataset=" + builder.name, "--image_size=64",
                   "--batch_size=8", "--annotations=gs://test-bucket/val.json",
                   "--out_dir=gs://test-bucket/eval"])
-variables, meta = export.load_variables("gs://test-bucket/run")
-for path in export.interop.export_official_weights("gelan-t", variables, "gs://test-bucket/export/gelan-t"):
+variables, _ = weights.load("gs://test-bucket/run", "gelan-t")
+for path in interop.export_official_weights("gelan-t", variables, "gs://test-bucket/export/gelan-t"):
   print("exported", path)
 """
 

@@ -614,11 +614,9 @@ def test_export_command_writes_the_ema_weights_in_both_layouts(
     manager.save(10, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(
         {"config": {"model": {"name": "yolov9-t"}}, "class_names": ["a", "b", "c"]})))
     manager.wait_until_finished()
-  else:
-    state = {"iteration": np.int32(10), "params": raw["params"], "batch_stats": raw["batch_stats"],
-             "ema_params": ema["params"], "ema_batch_stats": ema["batch_stats"]}
-    checkpoint = tmp_path / "state.msgpack"
-    checkpoint.write_bytes(serialization.msgpack_serialize(state))
+  else:  # the model variables, as flax.serialization writes them
+    checkpoint = tmp_path / "ema.msgpack"
+    checkpoint.write_bytes(serialization.to_bytes(ema))
   result = subprocess.run(
       [sys.executable, "export.py", f"--checkpoint={checkpoint}", "--architecture=yolov9-t",
        f"--output={tmp_path / 'out' / 'yolov9-t'}", "--dtype=float16"],

@@ -20,7 +20,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 import train  # noqa: E402
 from configs import coco, shapes_demo  # noqa: E402
-from yolov9_jax import interop  # noqa: E402
+from yolov9_jax import interop, weights  # noqa: E402
 from yolov9_jax.data import sources  # noqa: E402
 from yolov9_jax.training import checkpoint, config_checks  # noqa: E402
 from yolov9_jax.training import state as train_state  # noqa: E402
@@ -342,8 +342,7 @@ def test_two_processes_with_sharded_state_evaluate_save_resume_and_export(straig
   assert name == "gelan-t" and meta["config"]["train"]["shard_state"]
   flat_ema = train_state.Layout.of(variables).flatten_params(variables["params"])
   np.testing.assert_array_equal(np.asarray(flat_ema), resumed[0][1][:flat_ema.size])
-  export = importlib.import_module("export")
-  exported_variables, _ = export.load_variables(workdir)
+  exported_variables, _ = weights.load(workdir, "gelan-t")
   written = interop.export_official_weights("gelan-t", exported_variables, tmp_path / "out" / "gelan-t")
   _, loaded, _ = interop.load_torch_checkpoint(written[0])
   for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):

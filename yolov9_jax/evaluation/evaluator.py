@@ -17,7 +17,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import io
 import pickle
 import time
 
@@ -29,7 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from yolov9_jax import interop, models, paths
+from yolov9_jax import models
 from yolov9_jax.data import eval_batches, pipeline
 from yolov9_jax.evaluation import coco_metrics, inference, nms
 
@@ -363,80 +362,3 @@ def score(results, image_ids, ground_truth, category_ids, class_names):
               per_class_ap=per_class_ap, pr_recall=np.linspace(0, 1, 101),
               pr_precision=precision_at_50,
               confusion_matrix=confusion_matrix(coco, results, image_ids, category_ids))
-
-
-def _num_classes_in(variables, model_name):
-  head = variables["params"][f"model_{len(models.ARCHITECTURES[model_name]) - 1}"]
-  return int(np.shape(head["cv3_0_2"]["bias"])[0])
-
-
-@functools.lru_cache(maxsize=16)
-def _expected_shapes(model_name, num_classes):
-  """{"params/model_0/conv/kernel"-style key: ShapeDtypeStruct} of the model's variables."""
-  model = models.build(model_name, num_classes=num_classes)
-  return flax.traverse_util.flatten_dict(jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)), sep="/")
-
-
-def _checked_variables(variables, model_name, num_classes, path):
-  """``variables`` as float32 numpy, after checking them against ``model_name``'s layout."""
-  if not isinstance(variables, dict) or not {"params", "batch_stats"} <= set(variables):
-    raise ValueError(f"weights file {path} does not hold model variables ('params' and "
-                     f"'batch_stats'); its top-level keys are {sorted(variables)}")
-  try:
-    found_classes = _num_classes_in(variables, model_name)
-  except KeyError as error:
-    raise ValueError(f"weights file {path} is not a {model_name} checkpoint: no {error} in its "
-                     "head") from None
-  if num_classes is not None and found_classes != num_classes:
-    raise ValueError(f"weights file {path} has {found_classes} classes, expected {num_classes}")
-  expected = _expected_shapes(model_name, found_classes)
-  found = flax.traverse_util.flatten_dict(
-      {k: variables[k] for k in ("params", "batch_stats")}, sep="/")
-  problems = [f"missing {k}" for k in expected if k not in found]
-  problems += [f"unexpected {k}" for k in found if k not in expected]
-  problems += [f"{k} has shape {np.shape(found[k])}, expected {expected[k].shape}"
-               for k in expected if k in found and np.shape(found[k]) != expected[k].shape]
-  if problems:
-    raise ValueError(f"weights file {path} does not fit {model_name} with {found_classes} classes "
-                     f"({len(problems)} problems): " + "; ".join(problems[:10]))
-  return flax.traverse_util.unflatten_dict(
-      {k: np.asarray(v, np.float32) for k, v in found.items()}, sep="/")
-
-
-def load_variables(path, model_name, num_classes=None):
-  """Training variables {"params", "batch_stats"} of ``model_name`` from a weights file.
-
-  Formats: a ``train.py`` workdir or checkpoint directory (EMA weights), ``.msgpack`` (``flax.serialization.to_bytes`` of the variables), ``.npz`` (the
-  variables flattened with "/"-joined keys, e.g. "params/model_0/conv/kernel"), and official
-  PyTorch checkpoints (``.pt``, ``.safetensors``) through ``interop.load_torch_checkpoint`` where
-  this version has it. ``num_classes`` is read from the file when None, else checked.
-  """
-  path = paths.user_path(path)
-  if model_name not in models.ARCHITECTURES:
-    raise ValueError(f"unknown model {model_name!r}; expected one of {sorted(models.ARCHITECTURES)}")
-  if path.is_dir():  # a train.py workdir or checkpoint: its EMA weights
-    from yolov9_jax.training import checkpoint  # noqa: PLC0415  (training imports evaluation)
-    saved_name, variables, _ = checkpoint.load_model_variables(path)
-    if saved_name != model_name:
-      raise ValueError(f"{path} is a checkpoint of {saved_name}, not {model_name}")
-    return _checked_variables(variables, model_name, num_classes, path)
-  if not path.is_file():
-    raise FileNotFoundError(f"weights file {path} does not exist")
-  suffix = path.suffix.lower()
-  if suffix in (".pt", ".pth", ".safetensors"):
-    if not hasattr(interop, "load_torch_checkpoint"):
-      raise NotImplementedError(f"{path}: reading PyTorch checkpoints needs "
-                                "yolov9_jax.interop.load_torch_checkpoint, which this version lacks")
-    # It checks the file against model_name and names the architecture the file fits otherwise
-    # (a "-converted" yolov9 file is a gelan one).
-    _, variables, _ = interop.load_torch_checkpoint(path, config=model_name, num_classes=num_classes)
-  elif suffix == ".npz":
-    with np.load(io.BytesIO(path.read_bytes())) as arrays:
-      variables = flax.traverse_util.unflatten_dict({k: arrays[k] for k in arrays.files}, sep="/")
-  elif suffix == ".msgpack":
-    variables = flax.serialization.msgpack_restore(path.read_bytes())
-  else:
-    raise ValueError(f"weights file {path}: unknown format {suffix!r}; expected .msgpack, .npz, "
-                     ".pt or .safetensors")
-  return _checked_variables(variables, model_name, num_classes, path)
