@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from yolov9_jax import paths, weights
+from yolov9_jax import models, paths, weights
 from yolov9_jax.data import pipeline, transforms, visualize
 from yolov9_jax.evaluation import coco_metrics, evaluator
 
@@ -85,8 +85,7 @@ def main(argv):
   missing = [f"--{name}" for name in ("model", "weights") if FLAGS[name].value is None]
   if missing or not inputs:
     raise ValueError(f"detect.py needs {', '.join(missing + ['images'] * (not inputs))}")
-  if FLAGS.image_size % 32:
-    raise ValueError(f"--image_size={FLAGS.image_size} is not a multiple of 32 (the largest stride)")
+  models.check_image_size(FLAGS.image_size, "--image_size")
   images_found = image_paths(inputs)
   variables, _ = weights.load(FLAGS.weights, FLAGS.model)
   mesh = evaluator.default_mesh()

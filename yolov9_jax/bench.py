@@ -342,8 +342,10 @@ def parse_args(argv=None):
   for name in ("batch_size", "image_size", "steps", "num_classes", "max_boxes"):
     if getattr(args, name) < 1:
       parser.error(f"--{name} must be at least 1")
-  if args.image_size % 32:
-    parser.error(f"--image_size must be a multiple of 32 (the largest stride); got {args.image_size}")
+  try:
+    models.check_image_size(args.image_size, "--image_size")
+  except ValueError as error:
+    parser.error(str(error))
   if args.batch_size % jax.device_count():
     parser.error(f"--batch_size {args.batch_size} does not split over {jax.device_count()} devices")
   return args

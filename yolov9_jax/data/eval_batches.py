@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from yolov9_jax.data import transforms
-from yolov9_jax.models.yolo import INPUT_MULTIPLE
+from yolov9_jax.models.yolo import INPUT_MULTIPLE, check_image_size
 
 RECT_PAD_STRIDES = 0.5  # the official val loader's margin, in strides
 
@@ -73,9 +73,7 @@ class EvalPlan:
 def make_plan(images_hw, batch_size, image_size, rectangular=True):
   """The batches of a dataset whose image ``k`` is ``images_hw[k]`` (height, width) pixels:
   rectangular (the official protocol) or ``image_size`` squares in dataset order."""
-  if image_size % INPUT_MULTIPLE:
-    raise ValueError(f"image_size={image_size} is not a multiple of {INPUT_MULTIPLE} "
-                     "(the largest stride)")
+  check_image_size(image_size)
   count = len(images_hw)
   if rectangular:
     order, shapes_hw = rectangular_batch_shapes(images_hw, batch_size, image_size)

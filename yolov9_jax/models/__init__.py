@@ -2,7 +2,8 @@
 import jax.numpy as jnp
 
 from yolov9_jax.models.architectures import ARCHITECTURES
-from yolov9_jax.models.yolo import YOLO, head_branches, main_branch_layers
+from yolov9_jax.models.yolo import (INPUT_MULTIPLE, YOLO, check_image_size, head_branches,
+                                    main_branch_layers)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
@@ -25,4 +26,5 @@ def build(name: str, num_classes: int = 80, dtype=jnp.float32, fused: bool = Fal
   return YOLO(name, num_classes=num_classes, dtype=dtype, fused=fused)
 
 
-__all__ = ["ARCHITECTURES", "YOLO", "build", "head_branches", "main_branch_layers"]
+__all__ = ["ARCHITECTURES", "INPUT_MULTIPLE", "YOLO", "build", "check_image_size", "head_branches",
+           "main_branch_layers"]

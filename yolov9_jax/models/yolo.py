@@ -15,6 +15,13 @@ HEAD_MODULES = ("DDetect", "DualDDetect")
 INPUT_MULTIPLE = 32  # the largest stride: every level's grid must tile the input exactly
 
 
+def check_image_size(size, name="image_size"):
+  """Raises ValueError (naming ``name``) unless ``size`` is a positive multiple of INPUT_MULTIPLE."""
+  if not isinstance(size, int) or size <= 0 or size % INPUT_MULTIPLE:
+    raise ValueError(f"{name}={size!r} is not a multiple of {INPUT_MULTIPLE} (the largest "
+                     f"stride) of at least {INPUT_MULTIPLE}")
+
+
 def _round_width(width):
   return int(math.ceil(width / 8) * 8)
 

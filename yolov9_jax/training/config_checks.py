@@ -11,9 +11,7 @@ def validate(config, num_devices):
     _fail("model.name", config.model.name, f"expected one of {sorted(models.ARCHITECTURES)}")
   if config.model.dtype not in ("float32", "bfloat16", "float64"):
     _fail("model.dtype", config.model.dtype, "expected float32, bfloat16 or float64")
-  size = config.augment.image_size
-  if not isinstance(size, int) or size <= 0 or size % 32:
-    _fail("augment.image_size", size, "expected a positive multiple of 32 (the largest stride)")
+  models.check_image_size(config.augment.image_size, "config field augment.image_size")
   for field in ("train.batch_size", "train.epochs", "train.log_every_steps",
                 "train.checkpoint_every_steps", "train.keep_checkpoints", "eval.batch_size",
                 "eval.every_epochs", "augment.max_boxes", "augment.workers"):
