@@ -1,8 +1,13 @@
 """Per-chip memory and cost of the real train step on a TPU slice, from the TPU compiler, on any
 machine with the ``libtpu`` package (no TPU needed):
 
-    JAX_PLATFORMS=cpu python -m yolov9_jax.tpu_plan --topology=v5p:2x2x1 --model=yolov9-c \\
-        --batch_size=64 --image_size=640 --dtype=bfloat16 [--shard_state] [--max_boxes=100]
+    pip install --no-deps --target .cache/libtpu-0.0.42.1 libtpu==0.0.42.1
+    JAX_PLATFORMS=cpu PYTHONPATH=.cache/libtpu-0.0.42.1 python -m yolov9_jax.tpu_plan \\
+        --topology=v5p:2x2x1 --model=yolov9-c --batch_size=64 --image_size=640 --dtype=bfloat16 \\
+        [--shard_state] [--max_boxes=100]
+
+libtpu stays out of the project's environment: where it is importable, JAX loads it at start-up
+even on a CPU machine, and that changed the CPU training numbers.
 
 ``jax.experimental.topologies`` describes the slice (``v5e:2x2``, ``v5p:2x2x1``, ``v6e:2x2``, and
 multi-host ones such as ``v5e:4x4`` or ``v5p:4x4x4``); the step is train.py's, with its shardings
