@@ -19,18 +19,23 @@ it is a static count), and the compile time. Compiling yolov9-c at 640 takes min
 """
 import argparse
 import json
+import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.experimental import topologies
+# Compiling only, never touching a TPU: several such processes may load libtpu at once (it would
+# otherwise take /tmp/libtpu_lockfile and refuse a second process).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from yolov9_jax import losses, models
-from yolov9_jax.training import optimizer as optim
-from yolov9_jax.training import sharding
-from yolov9_jax.training import state as train_state
-from yolov9_jax.training import step as train_step
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+
+from yolov9_jax import losses, models  # noqa: E402
+from yolov9_jax.training import optimizer as optim  # noqa: E402
+from yolov9_jax.training import sharding  # noqa: E402
+from yolov9_jax.training import state as train_state  # noqa: E402
+from yolov9_jax.training import step as train_step  # noqa: E402
 
 # HBM per chip, GiB, from Google's TPU data sheets.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}

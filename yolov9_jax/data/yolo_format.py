@@ -39,7 +39,9 @@ def to_coco(images_dir, labels_dir, names):
   boxes of the matching ``labels_dir/<relative path>.txt`` (a missing file: no objects)."""
   images_dir, labels_dir = user_path(images_dir), user_path(labels_dir)
   images, annotations = [], []
-  paths = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+  # walk(), not rglob: epath refuses recursive patterns (on cloud storage, one request per level).
+  paths = sorted(folder / name for folder, _, names in images_dir.walk() for name in names
+                 if (folder / name).suffix.lower() in IMAGE_SUFFIXES)
   for image_id, path in enumerate(paths, start=1):
     relative = path.relative_to(images_dir)
     size = _oriented_size(path)
