@@ -73,13 +73,6 @@ class TrainState(flax.struct.PyTreeNode):
   kernel_mask: jax.Array        # official group 1 entries: conv kernels, with weight decay
   layout: Layout = flax.struct.field(pytree_node=False)
 
-  def variables(self):
-    return self.layout.variables(self.params, self.batch_stats)
-
-  def ema_variables(self):
-    """The EMA weights as model variables: used for evaluation and export."""
-    return self.layout.variables(self.ema_params, self.ema_batch_stats)
-
 
 def create(variables, layout, tx, accumulate):
   """A fresh state from model variables (``layout = Layout.of(variables)``, ``tx`` from
