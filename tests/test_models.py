@@ -50,6 +50,29 @@ def test_main_branch_of_yolov9_c_is_gelan_c_layout():
   assert models.main_branch_layers("gelan-t") == list(range(0, 22))
 
 
+def test_gelan_counterpart_is_found_in_the_tables(monkeypatch):
+  # Found by comparing layer rows, not by the name: each yolov9 model's main branch is the
+  # same-size gelan table; a gelan is its own counterpart.
+  for size in "tsmce":
+    assert models.gelan_counterpart(f"yolov9-{size}") == f"gelan-{size}"
+    assert models.gelan_counterpart(f"gelan-{size}") == f"gelan-{size}"
+  # A dual-head table whose main branch matches no gelan table is named in the error.
+  rows = models.ARCHITECTURES["yolov9-t"]
+  widened = [(rows[i][0], rows[i][1], (rows[i][2][0] + 8,) + tuple(rows[i][2][1:]))
+             if rows[i][1] == "Conv" and i in models.main_branch_layers("yolov9-t") else rows[i]
+             for i in range(len(rows))]
+  monkeypatch.setitem(models.ARCHITECTURES, "yolov9-wide", tuple(widened))
+  with pytest.raises(ValueError, match="yolov9-wide's main branch"):
+    models.gelan_counterpart("yolov9-wide")
+
+
+def test_number_of_classes_is_read_off_the_class_layer():
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                           models.abstract_variables("yolov9-t", 7))
+  assert models.num_classes_of("yolov9-t", variables) == 7
+  assert interop.class_layer_key("yolov9-t") in interop.to_torch_state_dict("yolov9-t", variables)
+
+
 def test_yolov9_m_aconv_180_has_184_channels():
   shapes = interop.expected_state_dict_shapes("yolov9-m", 80)
   assert shapes["model.17.cv1.conv.weight"] == (184, 240, 3, 3)

@@ -4,12 +4,9 @@ checkpoint directory (its EMA weights, or the raw ones), an official PyTorch che
 (``flax.serialization.to_bytes`` of the variables) or ``.npz`` (the variables flattened with
 "/"-joined keys). train.py (``model.init_from``), eval.py, detect.py and export.py all load here.
 """
-import functools
 import io
 
 import flax
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from yolov9_jax import interop, models, paths
@@ -52,17 +49,9 @@ def load(path, model_name, num_classes=None, ema=True):
   return _checked_variables(variables, model_name, num_classes, path), info
 
 
-def _num_classes_in(variables, model_name):
-  head = variables["params"][f"model_{len(models.ARCHITECTURES[model_name]) - 1}"]
-  return int(np.shape(head["cv3_0_2"]["bias"])[0])
-
-
-@functools.lru_cache(maxsize=16)
 def _expected_shapes(model_name, num_classes):
   """{"params/model_0/conv/kernel"-style key: ShapeDtypeStruct} of the model's variables."""
-  model = models.build(model_name, num_classes=num_classes)
-  return flax.traverse_util.flatten_dict(jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)), sep="/")
+  return flax.traverse_util.flatten_dict(models.abstract_variables(model_name, num_classes), sep="/")
 
 
 def _checked_variables(variables, model_name, num_classes, path):
@@ -71,7 +60,7 @@ def _checked_variables(variables, model_name, num_classes, path):
     raise ValueError(f"weights file {path} does not hold model variables ('params' and "
                      f"'batch_stats'); its top-level keys are {sorted(variables)}")
   try:
-    found_classes = _num_classes_in(variables, model_name)
+    found_classes = models.num_classes_of(model_name, variables)
   except KeyError as error:
     raise ValueError(f"weights file {path} is not a {model_name} checkpoint: no {error} in its "
                      "head") from None

@@ -11,14 +11,9 @@ from yolov9_jax import models
 from yolov9_jax.models.layers import BN_EPSILON
 
 
-def gelan_counterpart(architecture):
-  """The architecture whose layout the main branch of ``architecture`` has (itself for gelan)."""
-  return architecture.replace("yolov9-", "gelan-")
-
-
 def _layer_mapping(architecture):
   """{layer index in ``architecture``: layer index in its gelan counterpart}, head excluded."""
-  target = gelan_counterpart(architecture)
+  target = models.gelan_counterpart(architecture)
   source_rows, target_rows = models.ARCHITECTURES[architecture], models.ARCHITECTURES[target]
   kept = [i for i in models.main_branch_layers(architecture) if source_rows[i][1] != "Silence"]
   target_layers = [i for i in range(len(target_rows) - 1) if target_rows[i][1] != "Silence"]
@@ -30,7 +25,7 @@ def _layer_mapping(architecture):
 
 def prune_to_main_branch(architecture, variables):
   """(gelan architecture name, its variables) holding only what the main branch computes."""
-  target = gelan_counterpart(architecture)
+  target = models.gelan_counterpart(architecture)
   if target == architecture:
     return architecture, variables
   mapping = _layer_mapping(architecture)
@@ -73,7 +68,6 @@ def fold_batchnorm(variables, dtype=jnp.float32):
 def inference_model(architecture, variables, dtype=jnp.float32):
   """(fused main-branch model, its variables) computing ``architecture``'s main output."""
   target, pruned = prune_to_main_branch(architecture, variables)
-  head = pruned["params"][f"model_{len(models.ARCHITECTURES[target]) - 1}"]
-  num_classes = head["cv3_0_2"]["bias"].shape[0]
-  model = models.build(target, num_classes=num_classes, dtype=dtype, fused=True)
+  model = models.build(target, num_classes=models.num_classes_of(target, pruned), dtype=dtype,
+                       fused=True)
   return model, fold_batchnorm(pruned, dtype)

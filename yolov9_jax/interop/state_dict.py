@@ -7,14 +7,12 @@ Names map mechanically: Flax module ``model_3/cv2_0/m_0/cv1/conv1/bn`` is the of
 ``num_batches_tracked`` have no counterpart here: they are written on export and checked or ignored
 on import.
 """
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from yolov9_jax import models
+from yolov9_jax.models import heads
 from yolov9_jax.models.heads import REG_MAX
 
 # Order of names inside one official module where it is not alphabetical: a Conv block registers
@@ -83,15 +81,6 @@ def to_torch_state_dict(architecture: str, variables) -> dict:
   return {key: state_dict[key] for key in sorted(state_dict, key=_official_order)}
 
 
-@functools.lru_cache(maxsize=32)
-def _abstract_variables(architecture, num_classes):
-  """The variables' shapes and dtypes, traced without computing anything (a trace takes seconds, so
-  each (architecture, num_classes) is traced once per process; callers only read the result)."""
-  model = models.build(architecture, num_classes)
-  return jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False))
-
-
 def _state_dict_shapes(architecture, abstract_variables):
   return {key: np.shape(value)
           for key, value in to_torch_state_dict(architecture, abstract_variables).items()}
@@ -99,11 +88,16 @@ def _state_dict_shapes(architecture, abstract_variables):
 
 def expected_state_dict_shapes(architecture: str, num_classes: int) -> dict:
   """``{official key: shape}`` of the state_dict of ``architecture`` with ``num_classes``."""
-  return _state_dict_shapes(architecture, _abstract_variables(architecture, num_classes))
+  return _state_dict_shapes(architecture, models.abstract_variables(architecture, num_classes))
+
+
+def class_layer_key(architecture: str) -> str:
+  """The official key of the head's class-layer bias, whose length is the number of classes."""
+  return f"model.{_head_index(architecture)}.{heads.CLASS_LAYER.replace('_', '.')}.bias"
 
 
 def _class_count(architecture, state_dict):
-  key = f"model.{_head_index(architecture)}.cv3.0.2.bias"
+  key = class_layer_key(architecture)
   if key not in state_dict:
     raise ValueError(f"state_dict has no key {key} (the class layer of {architecture}'s head): "
                      f"it is not a {architecture} checkpoint")
@@ -121,7 +115,7 @@ def from_torch_state_dict(architecture: str, state_dict, num_classes=None):
                      f"{sorted(models.ARCHITECTURES)}")
   checkpoint_classes = _class_count(architecture, state_dict)
   num_classes = checkpoint_classes if num_classes is None else num_classes
-  abstract = _abstract_variables(architecture, num_classes)
+  abstract = models.abstract_variables(architecture, num_classes)
   expected = _state_dict_shapes(architecture, abstract)
   problems = []
   if checkpoint_classes != num_classes:

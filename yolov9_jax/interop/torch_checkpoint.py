@@ -31,11 +31,15 @@ import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
-from numpy._core import multiarray
 
 from yolov9_jax import models, paths
-from yolov9_jax.interop.state_dict import (expected_state_dict_shapes, from_torch_state_dict,
-                                           to_torch_state_dict)
+from yolov9_jax.interop.state_dict import (class_layer_key, expected_state_dict_shapes,
+                                           from_torch_state_dict, to_torch_state_dict)
+
+# The two numpy functions a pickled array or scalar is rebuilt with, taken from numpy's own
+# pickling (public API) rather than imported from its private module.
+_NUMPY_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]
+_NUMPY_SCALAR = np.float32(0).__reduce__()[0]
 
 _STORAGE_DTYPES = {
     "HalfStorage": np.dtype(np.float16), "FloatStorage": np.dtype(np.float32),
@@ -126,8 +130,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         # NumPy arrays and scalars (per-epoch official checkpoints keep best_fitness as one): they
         # rebuild from a dtype and raw bytes, and their items come through this same unpickler.
         **{(module, name): value for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-           for name, value in (("_reconstruct", multiarray._reconstruct),
-                               ("scalar", multiarray.scalar))},
+           for name, value in (("_reconstruct", _NUMPY_RECONSTRUCT), ("scalar", _NUMPY_SCALAR))},
         ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
 
   def find_class(self, module, name):
@@ -319,11 +322,6 @@ def _read_local_state_dict(path):
   return state_dict, info
 
 
-def _class_layer_key(architecture):
-  """The head's class-layer bias: its length is the number of classes."""
-  return f"model.{len(models.ARCHITECTURES[architecture]) - 1}.cv3.0.2.bias"
-
-
 @functools.lru_cache(maxsize=None)
 def _learned_shapes(architecture, num_classes):
   shapes = expected_state_dict_shapes(architecture, num_classes)
@@ -340,7 +338,7 @@ def detect_architecture(state_dict):
             if not key.endswith(_NUM_BATCHES_TRACKED)}
   nearest = None
   for architecture in models.ARCHITECTURES:
-    class_shape = shapes.get(_class_layer_key(architecture))
+    class_shape = shapes.get(class_layer_key(architecture))
     if class_shape is None or len(class_shape) != 1:
       continue
     expected = _learned_shapes(architecture, class_shape[0])
@@ -350,7 +348,7 @@ def detect_architecture(state_dict):
         expected[k] != shapes[k] for k in expected.keys() & shapes.keys())
     nearest = min(nearest or (differing, architecture), (differing, architecture))
   if nearest is None:
-    heads = sorted({_class_layer_key(a) for a in models.ARCHITECTURES})
+    heads = sorted({class_layer_key(a) for a in models.ARCHITECTURES})
     raise ValueError(f"the state_dict has none of the class-layer keys of the YOLOv9/GELAN heads "
                      f"({', '.join(heads)}); its first keys are {list(state_dict)[:5]}")
   try:
@@ -377,7 +375,7 @@ def load_torch_checkpoint(path, config=None, num_classes=None):
     variables = from_torch_state_dict(config, state_dict, num_classes)
   except ValueError as error:
     raise ValueError(f"{path}: {error}{_fitting_architecture_hint(state_dict, config)}") from None
-  info["num_classes"] = int(np.shape(state_dict[_class_layer_key(config)])[0])
+  info["num_classes"] = int(np.shape(state_dict[class_layer_key(config)])[0])
   return config, variables, info
 
 
@@ -566,11 +564,11 @@ def write_official_checkpoint(state_dict_path, architecture, output_path, offici
     raise ValueError(f"{official_repository} is not a checkout of the official repository: it has "
                      f"no {model_yaml.relative_to(official_repository)}")
   state_dict, _ = read_state_dict(state_dict_path)
-  num_classes = int(np.shape(state_dict[_class_layer_key(architecture)])[0])
+  num_classes = int(np.shape(state_dict[class_layer_key(architecture)])[0])
   class_names = list(class_names) if class_names else [f"class{i}" for i in range(num_classes)]
   if len(class_names) != num_classes:
     raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
-  half = "half" if state_dict[_class_layer_key(architecture)].dtype == np.float16 else "float"
+  half = "half" if state_dict[class_layer_key(architecture)].dtype == np.float16 else "float"
   result = subprocess.run(
       [python, "-c", _OFFICIAL_CHECKPOINT_SCRIPT, str(official_repository), str(model_yaml),
        str(state_dict_path), json.dumps(class_names), json.dumps(dict(hyp or {})), half,
@@ -612,7 +610,7 @@ def _export_official_weights(architecture, variables, output_prefix, inference, 
     from_torch_state_dict(architecture, state_dict)
   except ValueError as error:
     raise ValueError(f"the variables are not those of {architecture}: {error}") from None
-  num_classes = np.shape(state_dict[_class_layer_key(architecture)])[0]
+  num_classes = np.shape(state_dict[class_layer_key(architecture)])[0]
   if class_names and len(class_names) != num_classes:
     raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
   layouts = [(architecture, variables, output_prefix)]

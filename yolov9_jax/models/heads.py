@@ -15,6 +15,9 @@ from yolov9_jax.models import layers
 
 REG_MAX = 16
 STRIDES = (8, 16, 32)
+# The first branch's level-0 class conv (cv3.0.2 in the official state_dict): its bias has one
+# entry per class, so it tells a set of weights' number of classes.
+CLASS_LAYER = "cv3_0_2"
 # The official heads initialise class biases for an object prior of 5 per 640x640 image per level.
 _BIAS_INIT_IMAGE_SIZE = 640
 

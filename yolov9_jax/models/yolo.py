@@ -1,9 +1,12 @@
 """One builder for every architecture table: a Flax module that runs the rows in order."""
+import functools
 import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from yolov9_jax.models import heads, layers
 from yolov9_jax.models.architectures import ARCHITECTURES
@@ -13,6 +16,7 @@ from yolov9_jax.models.architectures import ARCHITECTURES
 _ROUNDED_WIDTH_MODULES = ("Conv", "AConv", "ADown", "ELAN1", "RepNCSPELAN4", "SPPELAN")
 HEAD_MODULES = ("DDetect", "DualDDetect")
 INPUT_MULTIPLE = 32  # the largest stride: every level's grid must tile the input exactly
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 def check_image_size(size, name="image_size"):
@@ -31,6 +35,34 @@ def _sources(source, index):
   layer's -1 is the input image, index -1 here)."""
   source = source if isinstance(source, tuple) else (source,)
   return tuple(index - 1 if s == -1 else s for s in source)
+
+
+def head_layer(architecture: str) -> str:
+  """The head's module name in the variables (``model_{i}``, i its official layer index)."""
+  return f"model_{len(ARCHITECTURES[architecture]) - 1}"
+
+
+def num_classes_of(architecture: str, variables) -> int:
+  """The number of classes of ``variables`` (``{"params", ...}`` in ``architecture``'s layout),
+  read off the head's class layer. KeyError where that layer is missing."""
+  head = variables["params"][head_layer(architecture)]
+  return int(np.shape(head[heads.CLASS_LAYER]["bias"])[0])
+
+
+def gelan_counterpart(architecture: str) -> str:
+  """The architecture whose layout the main branch of ``architecture`` has: itself for a
+  single-branch (gelan) table, else the single-branch table whose layers are, row for row, the
+  modules and arguments of ``architecture``'s main branch (Silence rows aside)."""
+  if len(head_branches(architecture)) == 1:
+    return architecture
+  rows = ARCHITECTURES[architecture]
+  main = [rows[i][1:] for i in main_branch_layers(architecture) if rows[i][1] != "Silence"]
+  for name, candidate in ARCHITECTURES.items():
+    if len(head_branches(name)) == 1 and [
+        row[1:] for row in candidate[:-1] if row[1] != "Silence"] == main:
+      return name
+  raise ValueError(f"no single-branch architecture has the layout of {architecture}'s main "
+                   "branch: add its gelan table to models/architectures.py")
 
 
 def head_branches(architecture: str):
@@ -55,6 +87,36 @@ def main_branch_layers(architecture: str):
   return sorted(kept)
 
 
+def build(name: str, num_classes: int = 80, dtype=jnp.float32, fused: bool = False,
+          remat: bool = False) -> "YOLO":
+  """The detector ``name`` (one of ``ARCHITECTURES``) with ``num_classes`` classes.
+
+  ``dtype`` is the compute dtype (float32, bfloat16 or float64, or their names); parameters and
+  BatchNorm statistics stay float32. ``fused`` builds the inference form, whose variables come
+  from ``evaluation.inference.fold_batchnorm``. ``remat`` recomputes each layer's insides in the
+  backward pass instead of keeping them (less memory in training, the same variables).
+  """
+  if name not in ARCHITECTURES:
+    raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise ValueError(f"unknown compute dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    dtype = _DTYPES[dtype]
+  return YOLO(name, num_classes=num_classes, dtype=dtype, fused=fused, remat=remat)
+
+
+@functools.lru_cache(maxsize=32)
+def abstract_variables(architecture: str, num_classes: int = 80, fused: bool = False):
+  """The training variables' (or with ``fused`` the inference form's) shapes and dtypes as
+  ``jax.ShapeDtypeStruct`` leaves, traced without computing anything. A trace takes seconds, so
+  each setting is traced once per process; callers only read the result."""
+  model = build(architecture, num_classes=num_classes, fused=fused)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                           train=False))
+
+
 class YOLO(nn.Module):
   """A GELAN or YOLOv9 detector built from ``ARCHITECTURES[architecture]``.
 
@@ -69,6 +131,14 @@ class YOLO(nn.Module):
   num_classes: int = 80
   dtype: Any = jnp.float32
   fused: bool = False  # the inference form (evaluation.inference.fold_batchnorm's variables)
+  # Rematerialisation: each layer keeps only its output for the backward pass and recomputes
+  # what is inside it, trading compute for activation memory (same variables, same numbers).
+  remat: bool = False
+
+  def _block(self, module_class):
+    """``module_class``, rematerialised in the backward pass when ``remat`` is set (``train``,
+    the call's second argument after ``self`` and the input, is static)."""
+    return nn.remat(module_class, static_argnums=(2,)) if self.remat else module_class
 
   def _layer(self, index, module, args, inputs, train):
     name = f"model_{index}"
@@ -79,19 +149,12 @@ class YOLO(nn.Module):
       return inputs[0]
     if module == "Conv":
       features, kernel_size, stride = args
-      return layers.Conv(features, kernel_size, stride, **kw)(inputs[0], train)
-    if module == "ELAN1":
-      return layers.ELAN1(*args, **kw)(inputs[0], train)
-    if module == "RepNCSPELAN4":
-      return layers.RepNCSPELAN4(*args, **kw)(inputs[0], train)
-    if module == "AConv":
-      return layers.AConv(*args, **kw)(inputs[0], train)
-    if module == "ADown":
-      return layers.ADown(*args, **kw)(inputs[0], train)
-    if module == "SPPELAN":
-      return layers.SPPELAN(*args, **kw)(inputs[0], train)
+      return self._block(layers.Conv)(features, kernel_size, stride, **kw)(inputs[0], train)
+    if module in ("ELAN1", "RepNCSPELAN4", "AConv", "ADown", "SPPELAN"):
+      return self._block(getattr(layers, module))(*args, **kw)(inputs[0], train)
     if module == "CBLinear":
-      return layers.CBLinear(tuple(args[0]), dtype=self.dtype, name=name)(inputs[0], train)
+      return self._block(layers.CBLinear)(tuple(args[0]), dtype=self.dtype, name=name)(
+          inputs[0], train)
     if module == "CBFuse":
       slices = [cb_outputs[j] for cb_outputs, j in zip(inputs[:-1], args[0])]
       return layers.cb_fuse(slices, inputs[-1])
