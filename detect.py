@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from yolov9_jax import models, paths, weights
+from yolov9_jax import models, paths, sharding, weights
 from yolov9_jax.data import pipeline, transforms, visualize
 from yolov9_jax.evaluation import coco_metrics, evaluator
 
@@ -88,9 +88,8 @@ def main(argv):
   models.check_image_size(FLAGS.image_size, "--image_size")
   images_found = image_paths(inputs)
   variables, _ = weights.load(FLAGS.weights, FLAGS.model)
-  mesh = evaluator.default_mesh()
-  if FLAGS.batch_size % mesh.size:
-    raise ValueError(f"--batch_size={FLAGS.batch_size} is not divisible by the {mesh.size} devices")
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(FLAGS.batch_size, mesh.size, "--batch_size")
   detect, fused_variables, num_classes = evaluator.prepare_detector(
       FLAGS.model, variables, mesh, FLAGS.conf_threshold, FLAGS.iou_threshold, FLAGS.max_det,
       multi_label=False)

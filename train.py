@@ -25,13 +25,11 @@ from absl import app, flags, logging  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from yolov9_jax import models, paths, weights  # noqa: E402
+from yolov9_jax import models, paths, sharding, weights  # noqa: E402
 from yolov9_jax.data import eval_batches, pipeline, sources, visualize  # noqa: E402
 from yolov9_jax.evaluation import evaluator  # noqa: E402
-from yolov9_jax.training import checkpoint, config_checks, sharding  # noqa: E402
-from yolov9_jax.training import optimizer as optim  # noqa: E402
+from yolov9_jax.training import checkpoint, config_checks, program  # noqa: E402
 from yolov9_jax.training import state as train_state  # noqa: E402
-from yolov9_jax.training import step as train_step  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent  # local: this repository
 config_flags.DEFINE_config_file("config", str(REPO / "configs" / "shapes_demo.py"),
@@ -40,9 +38,10 @@ flags.DEFINE_string("workdir", "", "Checkpoints, logs and plots (default: runs/<
 FLAGS = flags.FLAGS
 
 
-def init_variables(model, config):
+def init_variables(config, num_classes):
   """Fresh variables from the config seed; with ``model.init_from``, the checkpoint's weights
   except the class head where the number of classes differs."""
+  model = models.build(config.model.name, num_classes=num_classes, dtype=config.model.dtype)
   size = config.augment.image_size
   key = jax.random.key(config.seed)
   variables = jax.jit(lambda: model.init(key, np.zeros((1, size, size, 3), np.float32), train=False))()
@@ -111,17 +110,13 @@ def train(config, workdir):
   total_steps = epochs * steps_per_epoch
 
   # Model, optimizer, state: fresh, fine-tuned, or resumed from the workdir.
-  model = models.build(config.model.name, num_classes=len(data.class_names), dtype=config.model.dtype)
-  tx = optim.make_optimizer(config.optimizer, batch_size)
-  variables = init_variables(model, config)
-  shard_state = config.train.shard_state
-  layout = train_state.Layout.of(variables, pad_to=mesh.size if shard_state else 1)
-  state = train_state.create(variables, layout, tx,
-                             accumulate=optim.max_accumulate(config.optimizer, batch_size) > 1)
-  state = sharding.put_state(jax.device_get(state), mesh, shard_state)
-  checkpoints = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+  training = program.build(config, init_variables(config, len(data.class_names)), mesh,
+                           num_classes=len(data.class_names), steps_per_epoch=steps_per_epoch)
+  state = training.state_on(mesh)
+  checkpoints = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints,
+                                       form=train_state.CheckpointForm(training.tx))
   best_fitness = -1.0
-  resumed = checkpoints.restore_latest(checkpoint.abstract(state))
+  resumed = checkpoints.restore_latest(state)
   if resumed is not None:
     state, meta = resumed
     best_fitness = meta.get("best_fitness", -1.0)
@@ -132,10 +127,6 @@ def train(config, workdir):
                                       steps_per_epoch=steps_per_epoch, total_epochs=epochs)
   if is_main_process and start_step == 0:
     visualize.save_batch_grid(train_data.batch(0), data.class_names, workdir / "train_batch0.png")
-  step_fn = sharding.jit_train_step(train_step.make_train_step(
-      model, tx, num_classes=len(data.class_names), loss_config=config.loss,
-      recipe=config.optimizer, steps_per_epoch=steps_per_epoch, total_epochs=epochs,
-      global_batch_size=batch_size), state, mesh, shard_state)
 
   writer = tf.summary.create_file_writer(str(workdir / "tensorboard")) if is_main_process else None
   jsonl = workdir / "metrics.jsonl"
@@ -180,7 +171,7 @@ def train(config, workdir):
                          desc=f"epoch {epoch + 1}/{epochs}", disable=not is_main_process,
                          dynamic_ncols=True)
     while step < (epoch + 1) * steps_per_epoch:
-      state, metrics = step_fn(state, next(batches))
+      state, metrics = training.step(state, next(batches))
       step += 1
       progress.update()
       if previous is not None and int(previous["consecutive_nonfinite"]) >= config.train.max_consecutive_nonfinite:
@@ -222,7 +213,7 @@ def train(config, workdir):
     print(f"{config.model.name} on {len(data.eval)} validation images: mAP@0.5 "
           f"{result.metrics['AP50']:.3f}, mAP@0.5:0.95 {result.metrics['AP']:.3f} (EMA weights); "
           f"{total_steps} steps; non-finite steps skipped: {int(jax.device_get(state.nonfinite_steps))}; "
-          f"train-step compilations: {step_fn._cache_size()}; "
+          f"train-step compilations: {training.compilations}; "
           f"{(time.perf_counter() - started) / 60:.1f} min; workdir {workdir}")
   return state, result
 

@@ -11,6 +11,9 @@ from configs import common
 from yolov9_jax import models
 
 
+TRAIN_IMAGES = 118_287  # train2017: one epoch of the schedules
+
+
 def get_config(model="yolov9-c"):
   if model not in models.ARCHITECTURES:
     raise ValueError(f"configs/coco.py: unknown model {model!r}; expected one of "

@@ -23,6 +23,8 @@ def base() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       name="yolov9-c",
       dtype="float32",      # compute dtype: bfloat16 on accelerators; params and BN stay float32
+      remat=False,          # recompute each layer's insides in the backward pass: less
+                            # activation memory (docs/benchmarks.md, TPU plan), more compute
       init_from="",         # a checkpoint to fine-tune from (ours: a workdir or checkpoint dir;
                             # official: .pt / .safetensors); the class head is re-initialised
   ))

@@ -11,10 +11,9 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
-from jax.sharding import Mesh
 from PIL import Image
 
-from yolov9_jax import weights
+from yolov9_jax import sharding, weights
 from yolov9_jax.data import coco_format, eval_batches, shapes
 from yolov9_jax.evaluation import evaluator, nms
 
@@ -114,11 +113,11 @@ def test_evaluation_sharded_over_8_devices_equals_one_device(shapes_dataset, gel
   builder, _ = shapes_dataset
   source = builder.as_data_source(split="validation")
   category_ids = coco_format.category_ids(builder)
-  one_device = Mesh(np.array(jax.devices()[:1]), ("data",))
+  one_device = sharding.make_mesh(jax.devices()[:1])
   runs = [evaluator.evaluate("gelan-t", gelan_t_3_classes, source, category_ids,
                              class_names=CLASS_NAMES, image_size=SIZE, batch_size=8, mesh=mesh,
                              progress=False)
-          for mesh in (one_device, evaluator.default_mesh())]
+          for mesh in (one_device, sharding.make_mesh())]
   assert len(jax.devices()) == 8
   single, sharded = runs
   assert single.images == sharded.images == 12  # 12 images in 2 batches of 8, the last padded

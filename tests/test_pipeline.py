@@ -1,9 +1,8 @@
 """Training/eval batches: static shapes, determinism per (seed, step), process shards, bad input."""
-import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 
+from yolov9_jax import sharding
 from yolov9_jax.data import coco_format, eval_batches, pipeline, shapes
 
 SIZE = 128
@@ -104,7 +103,7 @@ def test_an_unreadable_example_is_replaced_and_counted(shapes_source):
 
 def test_process_batches_become_one_global_array_on_the_mesh(shapes_source):
   train = pipeline.TrainPipeline(shapes_source, _config(), global_batch_size=8)
-  mesh = Mesh(np.array(jax.devices()), ("data",))
+  mesh = sharding.make_mesh()
   batch = next(pipeline.prefetch_to_device(train(), mesh))
   assert batch["images"].shape == (8, SIZE, SIZE, 3)
   assert len(batch["images"].sharding.device_set) == 8

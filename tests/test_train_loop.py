@@ -148,7 +148,6 @@ def test_repeated_nonfinite_steps_stop_the_run_with_the_checkpoint_intact(straig
         metrics = {**metrics, "consecutive_nonfinite": jnp.asarray(iteration - 4)}
       return state, metrics
 
-    step._cache_size = compiled._cache_size
     return step
 
   monkeypatch.setattr(train.sharding, "jit_train_step", diverging_after_step_4)
@@ -224,7 +223,7 @@ assert jax.process_count() == 2 and len(jax.devices()) == 2
 # The COCO evaluation runs on process 0; every process gets its metrics.
 assert set(result.metrics) >= {{"AP", "AP50"}}
 print("metrics", result.metrics["AP"], result.metrics["AP50"])
-from yolov9_jax.training import sharding
+from yolov9_jax import sharding
 params, ema_params = sharding.to_host((state.params, state.ema_params))  # gathered when sharded
 np.save({out!r}, np.stack([params, ema_params]))
 """

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, slow_test
 
-from yolov9_jax import losses, models
+from configs import common
+from yolov9_jax import sharding
 from yolov9_jax.training import optimizer as optim
-from yolov9_jax.training import sharding, state as train_state, step as train_step_lib
+from yolov9_jax.training import program
+from yolov9_jax.training import state as train_state
 
 
 class _OfficialLoop:
@@ -144,11 +146,12 @@ def _batch(batch_size, size, num_boxes=3, seed=0):
           "valid": np.ones((batch_size, num_boxes), bool)}
 
 
-def _step_fn(model, tx, batch_size, recipe=None):
-  return train_step_lib.make_train_step(
-      model, tx, num_classes=20, loss_config=losses.default_config(),
-      recipe=recipe or optim.default_config(), steps_per_epoch=10, total_epochs=3,
-      global_batch_size=batch_size)
+def _program(variables, mesh, shard_state=False):
+  """train.py's program for gelan-t with 20 classes in float64, batch 8, 3 epochs of 10 steps."""
+  config = common.base()
+  config.model.update(name="gelan-t", dtype="float64")
+  config.train.update(batch_size=8, epochs=3, shard_state=shard_state)
+  return program.build(config, variables, mesh, num_classes=20, steps_per_epoch=10)
 
 
 @pytest.mark.parametrize("shard_state", [False, pytest.param(True, marks=slow_test)],
@@ -158,29 +161,27 @@ def test_a_step_sharded_over_8_devices_equals_the_single_device_step(gelan_t_20_
   backward pass already differ by 5e-4 of the gradient's scale (measured), which says nothing
   about the sharding; in float64 they agree to 4e-8 (the float32 rounding of the results)."""
   _, variables = gelan_t_20_classes
-  model = models.build("gelan-t", num_classes=20, dtype="float64")
   batch = _batch(8, 64)
-  tx = optim.make_optimizer(optim.default_config(), 8)
   results = []
   with jax.enable_x64(True):
     for devices, sharded in ((jax.devices()[:1], False), (jax.devices(), shard_state)):
       mesh = sharding.make_mesh(devices)
-      layout = train_state.Layout.of(variables, pad_to=mesh.size if sharded else 1)
+      training = _program(variables, mesh, sharded)
       # At iteration 100 (end of warm-up) batch 8 accumulates 8 steps per update: the first step
       # only adds its gradients to the sum (7 since the last update), the second updates with
       # the sum of both.
-      state = jax.device_get(train_state.create(variables, layout, tx, accumulate=True))
-      state = state.replace(iteration=np.int32(100), last_update_iteration=np.int32(93))
+      state = training.host_state.replace(iteration=np.int32(100), last_update_iteration=np.int32(93))
       state = sharding.put_state(state, mesh, sharded)
       if sharded:
-        assert state.params.sharding.shard_shape(state.params.shape)[0] == layout.padded_size // 8
-      step = sharding.jit_train_step(_step_fn(model, tx, 8), state, mesh, sharded)
+        padded_size = training.host_state.layout.padded_size
+        assert state.params.sharding.shard_shape(state.params.shape)[0] == padded_size // 8
+      step = training.step
       seen = []
       for _ in range(2):
         state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
         seen.append((jax.device_get(state.grad_sum), jax.device_get(metrics)))
       assert [bool(m["updated"]) for _, m in seen] == [False, True] and bool(seen[1][1]["finite"])
-      assert step._cache_size() == 1
+      assert training.compilations == 1
       results.append((jax.device_get(state), seen))
   (single, single_seen), (sharded, sharded_seen) = results
   size = sum(single.layout.leaf_sizes)
@@ -192,20 +193,18 @@ def test_a_step_sharded_over_8_devices_equals_the_single_device_step(gelan_t_20_
   for name in ("params", "batch_stats", "ema_params", "ema_batch_stats"):
     np.testing.assert_allclose(getattr(sharded, name)[:size], getattr(single, name)[:size],
                                rtol=1e-5, atol=1e-7, err_msg=name)
-  fresh = train_state.create(variables, single.layout, tx, False)
+  fresh = train_state.create(variables, single.layout, training.tx, False)
   assert not np.allclose(single.params, fresh.params)
 
 
 def test_a_nonfinite_step_changes_nothing_but_the_counters(gelan_t_20_classes):
   """In float64 on 8 devices, as the sharded-step test above."""
   _, variables = gelan_t_20_classes
-  model = models.build("gelan-t", num_classes=20, dtype="float64")
   with jax.enable_x64(True):
-    tx = optim.make_optimizer(optim.default_config(), 8)
-    layout = train_state.Layout.of(variables)
     mesh = sharding.make_mesh()
-    state = sharding.put_state(train_state.create(variables, layout, tx, accumulate=True), mesh)
-    step = sharding.jit_train_step(_step_fn(model, tx, 8), state, mesh)
+    training = _program(variables, mesh)
+    state = training.state_on(mesh)
+    step = training.step
     batch = jax.device_put(_batch(8, 64), sharding.batch_sharding(mesh))
     good = jax.device_get(state).replace(iteration=np.int32(100), last_update_iteration=np.int32(92))
     poisoned = good.replace(params=np.concatenate([[np.nan], good.params[1:]]).astype(np.float32))

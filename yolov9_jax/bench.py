@@ -39,13 +39,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from yolov9_jax import losses, models, paths  # noqa: E402
+from configs import coco  # noqa: E402
+from yolov9_jax import models, paths, sharding  # noqa: E402
 from yolov9_jax.data import pipeline, sources  # noqa: E402
-from yolov9_jax.evaluation import evaluator, inference  # noqa: E402
-from yolov9_jax.training import optimizer as optim  # noqa: E402
-from yolov9_jax.training import sharding  # noqa: E402
-from yolov9_jax.training import state as train_state  # noqa: E402
-from yolov9_jax.training import step as train_step  # noqa: E402
+from yolov9_jax.evaluation import evaluator  # noqa: E402
+from yolov9_jax.training import program  # noqa: E402
 
 BENCHMARKS = ("train", "train_pipeline", "inference", "inference_nms")
 
@@ -74,16 +72,10 @@ def peak_tflops(device, override=None):
   return next((value for kind, value in PEAK_TFLOPS.items() if kind in device.device_kind), None)
 
 
-def variable_shapes(model):
-  """``model``'s variables as ShapeDtypeStructs (traced, never computed)."""
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                           train=False))
-
-
-def random_variables(model, seed=0):
-  """Training variables {"params", "batch_stats"} in ``model``'s layout, drawn in numpy (no
+def random_variables(model_name, num_classes, seed=0):
+  """Training variables {"params", "batch_stats"} in ``model_name``'s layout, drawn in numpy (no
   compiled init: speed does not depend on the values)."""
-  shapes = variable_shapes(model)
+  shapes = models.abstract_variables(model_name, num_classes)
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32) + (
       1.0 if len(s.shape) == 1 else 0.0), shapes)
@@ -95,10 +87,10 @@ def forward_gflops(model_name, num_classes, image_size, fused):
   main branch of ``model_name``. XLA counts 2 per multiply-add and skips a convolution's taps
   that fall on padding, so it is about 1.5 % below the official thop count."""
   if fused:
-    model_name = inference.gelan_counterpart(model_name)
+    model_name = models.gelan_counterpart(model_name)
   model = models.build(model_name, num_classes=num_classes, fused=fused)
   image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  variables = variable_shapes(model)
+  variables = models.abstract_variables(model_name, num_classes, fused)
   if fused:
     forward = lambda v, x: model.apply(v, x, train=False)
   else:
@@ -109,7 +101,7 @@ def forward_gflops(model_name, num_classes, image_size, fused):
 def official_gflops(model_name, image_size, fused):
   """The official count scaled by pixels to ``image_size`` (None where it is not known)."""
   table = OFFICIAL_GFLOPS_640["fused" if fused else "train"]
-  name = inference.gelan_counterpart(model_name) if fused else model_name
+  name = models.gelan_counterpart(model_name) if fused else model_name
   return None if name not in table else table[name] * (image_size / 640) ** 2
 
 
@@ -184,25 +176,20 @@ class TrainBench:
 
   def __init__(self, args, mesh):
     self.args, self.mesh = args, mesh
-    self.model = models.build(args.model, num_classes=args.num_classes, dtype=args.dtype)
-    self.augment = pipeline.default_config()
-    self.augment.update(image_size=args.image_size, max_boxes=args.max_boxes, workers=args.workers)
-    recipe = optim.default_config()
-    tx = optim.make_optimizer(recipe, args.batch_size)
-    variables = random_variables(self.model)
-    layout = train_state.Layout.of(variables, pad_to=mesh.size if args.shard_state else 1)
-    state = train_state.create(variables, layout, tx,
-                               accumulate=optim.max_accumulate(recipe, args.batch_size) > 1)
-    self.state = sharding.put_state(jax.device_get(state), mesh, args.shard_state)
+    config = coco.get_config(args.model)  # the COCO recipe, with the benchmark's settings
+    config.model.update(dtype=args.dtype, remat=args.remat)
+    config.train.update(batch_size=args.batch_size, shard_state=args.shard_state)
+    config.augment.update(image_size=args.image_size, max_boxes=args.max_boxes, workers=args.workers)
+    self.augment = config.augment
+    training = program.build(config, random_variables(args.model, args.num_classes), mesh,
+                             num_classes=args.num_classes,
+                             steps_per_epoch=coco.TRAIN_IMAGES // args.batch_size)
+    self.state = training.state_on(mesh)
     self.batch = pipeline.to_global_array(synthetic_batch(
         args.batch_size, args.image_size, args.max_boxes, args.boxes_per_image,
         args.num_classes), mesh)
-    step = train_step.make_train_step(
-        self.model, tx, num_classes=args.num_classes, loss_config=losses.default_config(),
-        recipe=recipe, steps_per_epoch=1000, total_epochs=500, global_batch_size=args.batch_size)
-    jitted = sharding.jit_train_step(step, self.state, mesh, args.shard_state)
     start = time.perf_counter()
-    self.compiled = jitted.lower(self.state, self.batch).compile()
+    self.compiled = training.step.lower(self.state, self.batch).compile()
     self.compile_seconds = time.perf_counter() - start
     check_fits_in_host_memory(self.compiled, "the train step")
     self.step_gflops_per_image = compiled_gflops_per_image(self.compiled, args.batch_size)
@@ -243,10 +230,10 @@ def bench_train(args, mesh, with_pipeline):
 
 def bench_inference(args, mesh, with_nms):
   """The record for "inference" (folded main branch) or "inference_nms" (and NMS)."""
-  variables = random_variables(models.build(args.model, num_classes=args.num_classes))
+  variables = random_variables(args.model, args.num_classes)
   detect, fused_variables, _ = evaluator.prepare_detector(
       args.model, variables, mesh, 0.001, 0.7, 300, multi_label=True, dtype=args.dtype)
-  model = models.build(inference.gelan_counterpart(args.model), num_classes=args.num_classes,
+  model = models.build(models.gelan_counterpart(args.model), num_classes=args.num_classes,
                        dtype=args.dtype, fused=True)
   if not with_nms:
     detect = jax.jit(lambda v, images: model.apply(v, images.astype(model.dtype) / 255,
@@ -277,7 +264,7 @@ def finish(record, args, device):
   model_flops = record.pop("model_flops_per_image")
   out = {"benchmark": record.pop("benchmark"), "model": args.model, "batch_size": args.batch_size,
          "image_size": args.image_size, "dtype": args.dtype, "num_classes": args.num_classes,
-         "shard_state": args.shard_state,
+         "shard_state": args.shard_state, "remat": args.remat,
          "images_per_second": images_per_second, **record,
          "mfu": None if peak is None else model_flops * images_per_second / (peak * 1e12 * jax.device_count()),
          "peak_tflops_per_device": peak, "backend": jax.default_backend(),
@@ -326,6 +313,8 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=10, help="timed steps")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   parser.add_argument("--shard_state", action="store_true", help="FSDP, as train.shard_state")
+  parser.add_argument("--remat", action="store_true", help="as model.remat: recompute each "
+                      "layer's insides in the backward pass")
   parser.add_argument("--workers", type=int, default=4, help="input pipeline threads")
   parser.add_argument("--data_dir", default=".cache/datasets",
                       help="where train_pipeline generates its shapes set (reused)")

@@ -25,11 +25,14 @@ def replicated(mesh):
   return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_size(global_batch_size, mesh):
-  """The global batch must split evenly over the devices (and so over the processes)."""
-  if global_batch_size % mesh.size:
-    raise ValueError(f"config field train.batch_size={global_batch_size} is not divisible by the "
-                     f"{mesh.size} devices")
+def check_batch_size(global_batch_size, num_devices, name="train.batch_size"):
+  """The global batch must split evenly over the ``num_devices`` devices of the mesh (and so over
+  the processes): ValueError naming the setting ``name`` otherwise."""
+  if not isinstance(global_batch_size, int) or global_batch_size < 1:
+    raise ValueError(f"{name}={global_batch_size!r}: expected a positive integer")
+  if global_batch_size % num_devices:
+    raise ValueError(f"{name}={global_batch_size}: not divisible by the {num_devices} devices; "
+                     f"use a multiple of {num_devices}")
 
 
 def state_shardings(state, mesh, shard_state=False):

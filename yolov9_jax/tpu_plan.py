@@ -31,11 +31,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from yolov9_jax import losses, models  # noqa: E402
-from yolov9_jax.training import optimizer as optim  # noqa: E402
-from yolov9_jax.training import sharding  # noqa: E402
-from yolov9_jax.training import state as train_state  # noqa: E402
-from yolov9_jax.training import step as train_step  # noqa: E402
+from configs import coco  # noqa: E402
+from yolov9_jax import models, sharding  # noqa: E402
+from yolov9_jax.training import program  # noqa: E402
 
 # HBM per chip, GiB, from Google's TPU data sheets.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
@@ -48,20 +46,19 @@ def abstract_on(tree, shardings):
 
 
 def compile_train_step(topology_name, model_name, batch_size, image_size, dtype="bfloat16",
-                       shard_state=False, max_boxes=100, num_classes=80):
-  """(compiled train step for the slice, compile seconds, number of chips)."""
+                       shard_state=False, max_boxes=100, num_classes=80, remat=False):
+  """(compiled train step for the slice, compile seconds, number of chips): the COCO recipe's
+  program (configs/coco.py) with these settings."""
   topology = topologies.get_topology_desc(platform="tpu", topology_name=topology_name)
   mesh = sharding.make_mesh(topology.devices)
-  sharding.check_batch_size(batch_size, mesh)
-  model = models.build(model_name, num_classes=num_classes, dtype=dtype)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                             train=False))
+  config = coco.get_config(model_name)
+  config.model.update(dtype=dtype, remat=remat)
+  config.train.update(batch_size=batch_size, shard_state=shard_state)
+  shapes = models.abstract_variables(model_name, num_classes)
   variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  recipe = optim.default_config()
-  tx = optim.make_optimizer(recipe, batch_size)
-  layout = train_state.Layout.of(variables, pad_to=mesh.size if shard_state else 1)
-  state = jax.device_get(train_state.create(
-      variables, layout, tx, accumulate=optim.max_accumulate(recipe, batch_size) > 1))
+  training = program.build(config, variables, mesh, num_classes=num_classes,
+                           steps_per_epoch=coco.TRAIN_IMAGES // batch_size)
+  state = training.host_state
   abstract_state = abstract_on(state, sharding.state_shardings(state, mesh, shard_state))
   batch_sharding = sharding.batch_sharding(mesh)
   abstract_batch = {
@@ -70,12 +67,8 @@ def compile_train_step(topology_name, model_name, batch_size, image_size, dtype=
       "boxes": jax.ShapeDtypeStruct((batch_size, max_boxes, 4), jnp.float32, sharding=batch_sharding),
       "classes": jax.ShapeDtypeStruct((batch_size, max_boxes), jnp.int32, sharding=batch_sharding),
       "valid": jax.ShapeDtypeStruct((batch_size, max_boxes), jnp.bool_, sharding=batch_sharding)}
-  step = train_step.make_train_step(
-      model, tx, num_classes=num_classes, loss_config=losses.default_config(), recipe=recipe,
-      steps_per_epoch=1000, total_epochs=500, global_batch_size=batch_size)
-  jitted = sharding.jit_train_step(step, state, mesh, shard_state)
   start = time.perf_counter()
-  compiled = jitted.trace(abstract_state, abstract_batch).lower(
+  compiled = training.step.trace(abstract_state, abstract_batch).lower(
       lowering_platforms=("tpu",)).compile()
   return compiled, time.perf_counter() - start, mesh.size
 
@@ -111,13 +104,15 @@ def main(argv=None):
   parser.add_argument("--shard_state", action="store_true", help="FSDP, as train.shard_state")
   parser.add_argument("--max_boxes", type=int, default=100, help="box slots per training image")
   parser.add_argument("--num_classes", type=int, default=80)
+  parser.add_argument("--remat", action="store_true", help="as model.remat: recompute each "
+                      "layer's insides in the backward pass")
   args = parser.parse_args(argv)
   compiled, seconds, chips = compile_train_step(
       args.topology, args.model, args.batch_size, args.image_size, args.dtype, args.shard_state,
-      args.max_boxes, args.num_classes)
+      args.max_boxes, args.num_classes, args.remat)
   record = {"topology": args.topology, "model": args.model, "batch_size": args.batch_size,
             "image_size": args.image_size, "dtype": args.dtype, "shard_state": args.shard_state,
-            "max_boxes": args.max_boxes, **plan_record(compiled, seconds, chips, args.batch_size)}
+            "max_boxes": args.max_boxes, "remat": args.remat, **plan_record(compiled, seconds, chips, args.batch_size)}
   generation = args.topology.split(":")[0]
   if generation in HBM_GIB:
     record["hbm_bytes_per_chip"] = HBM_GIB[generation] * 2**30

@@ -19,8 +19,8 @@ import jax
 import ml_collections
 import cv2
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
+from yolov9_jax import sharding
 from yolov9_jax.data import transforms
 
 
@@ -255,17 +255,17 @@ class TrainPipeline:
       pending.shutdown(wait=False, cancel_futures=True)
 
 
-def to_global_array(local_batch, mesh, data_axis="data"):
-  """Per-process batches -> global ``jax.Array``s sharded along the batch over ``data_axis``."""
-  sharding = NamedSharding(mesh, PartitionSpec(data_axis))
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+def to_global_array(local_batch, mesh):
+  """Per-process batches -> global ``jax.Array``s split along the batch (``sharding.batch_sharding``)."""
+  split = sharding.batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(split, x), local_batch)
 
 
-def prefetch_to_device(batches, mesh, size=2, data_axis="data"):
+def prefetch_to_device(batches, mesh, size=2):
   """Keeps ``size`` global batches already transferred to the devices."""
   queue = []
   for batch in batches:
-    queue.append(to_global_array(batch, mesh, data_axis))
+    queue.append(to_global_array(batch, mesh))
     if len(queue) > size:
       yield queue.pop(0)
   yield from queue

@@ -43,14 +43,24 @@ def shapes_builder(data_dir, num_train, num_val, image_hw, seed=0):
   return builder, val_annotations
 
 
+SOURCES = ("tfds", "shapes")
+
+
+def check_source(source):
+  """ValueError naming the config field unless ``source`` is one of ``SOURCES``."""
+  if source not in SOURCES:
+    raise ValueError(f"config field data.source={source!r}: expected one of {SOURCES}")
+
+
 def open_datasets(data_config):
   """``data_config``: the config's ``data`` field (see configs/common.py)."""
+  check_source(data_config.source)
   if data_config.source == "shapes":
     builder, annotations = shapes_builder(
         data_config.data_dir or ".cache/datasets", data_config.shapes.num_train,
         data_config.shapes.num_val, tuple(data_config.shapes.image_hw), data_config.shapes.seed)
     eval_annotations = str(annotations)
-  elif data_config.source == "tfds":
+  else:  # tfds
     try:
       builder = tfds.builder(data_config.name, data_dir=data_config.data_dir and os.fspath(
           paths.user_path(data_config.data_dir)) or None)
@@ -59,8 +69,6 @@ def open_datasets(data_config):
           f"config field data.name={data_config.name!r}: no prepared TFDS dataset of that name in "
           f"data.data_dir={data_config.data_dir!r} ({error})") from error
     eval_annotations = data_config.eval_annotations
-  else:
-    raise ValueError(f"config field data.source={data_config.source!r}: expected 'tfds' or 'shapes'")
   names = list(data_config.class_names) or list(builder.info.features["objects"]["label"].names)
   categories_file = paths.user_path(builder.data_dir) / coco_format.CATEGORIES_FILE
   if categories_file.exists():

@@ -20,15 +20,13 @@ import functools
 import pickle
 import time
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from yolov9_jax import models
+from yolov9_jax import models, sharding
 from yolov9_jax.data import eval_batches, pipeline
 from yolov9_jax.evaluation import coco_metrics, inference, nms
 
@@ -55,19 +53,14 @@ class EvalResult:
   candidates_dropped: int     # NMS candidates cut by the cap, over all images
 
 
-def default_mesh():
-  """A one-axis ("data") mesh over all devices of all processes."""
-  return Mesh(np.array(jax.devices()), ("data",))
-
-
 @functools.lru_cache(maxsize=16)
 def detector(fused_architecture, num_classes, mesh, conf_threshold, iou_threshold, max_det,
              multi_label, dtype="float32"):
   """jitted (fused variables, images (B, S, S, 3) uint8 RGB) -> ``nms.Detections``, boxes in
-  letterboxed input pixels, the batch sharded over ``mesh``'s "data" axis. Cached, so repeated
+  letterboxed input pixels, the batch split over ``mesh`` (``sharding.batch_sharding``). Cached, so repeated
   evaluations (every epoch) reuse the compiled function."""
   model = models.build(fused_architecture, num_classes=num_classes, dtype=dtype, fused=True)
-  batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
+  batch_sharded = sharding.batch_sharding(mesh)
 
   def detect(fused_variables, images_uint8):
     images = images_uint8.astype(model.dtype) / 255
@@ -76,7 +69,7 @@ def detector(fused_architecture, num_classes, mesh, conf_threshold, iou_threshol
     return nms.non_max_suppression(predictions.astype(jnp.float32), conf_threshold, iou_threshold,
                                    max_det, multi_label=multi_label)
 
-  return jax.jit(detect, in_shardings=(NamedSharding(mesh, PartitionSpec()), batch_sharded),
+  return jax.jit(detect, in_shardings=(sharding.replicated(mesh), batch_sharded),
                  out_shardings=batch_sharded)
 
 
@@ -87,7 +80,7 @@ def prepare_detector(model_name, variables, mesh, conf_threshold, iou_threshold,
   model, fused_variables = inference.inference_model(model_name, variables, dtype)
   detect = detector(model.architecture, model.num_classes, mesh, conf_threshold, iou_threshold,
                     max_det, multi_label, dtype)
-  replicated = jax.device_put(fused_variables, NamedSharding(mesh, PartitionSpec()))
+  replicated = jax.device_put(fused_variables, sharding.replicated(mesh))
   return detect, replicated, model.num_classes
 
 
@@ -258,10 +251,8 @@ def evaluate(model_name, variables, source, category_ids, *, class_names=None, i
   ((N, 2) heights and widths of the source's images, as ``images_hw`` gives them) saves the
   reading pass that the rectangular batches need: pass it when evaluating a source repeatedly.
   """
-  mesh = default_mesh() if mesh is None else mesh
-  if batch_size % mesh.size:
-    raise ValueError(f"batch_size={batch_size} is not divisible by the {mesh.size} devices of "
-                     "the mesh")
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  sharding.check_batch_size(batch_size, mesh.size, "batch_size")
   detect, fused_variables, num_classes = prepare_detector(
       model_name, variables, mesh, conf_threshold, iou_threshold, max_det, multi_label=True,
       dtype=dtype)

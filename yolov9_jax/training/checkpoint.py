@@ -2,9 +2,11 @@
 
 A checkpoint holds the whole ``TrainState`` (params, EMA, optimizer state, gradient sum, the
 iteration, which is also the data position: the batch at step N is a function of (seed, N)) and
-a JSON item with the config and the run's counters. Orbax writes into a temporary directory and
-renames it when complete, so a process killed during a save leaves the previous checkpoint
-restorable.
+a JSON item with the config and the run's counters. With a ``state.CheckpointForm`` (train.py
+passes one) the state item holds named trees: ``state/ema_params/model_0/conv/kernel`` reads
+with plain orbax, without this package. Checkpoints written before that (flat vectors: the
+state's own layout) still resume. Orbax writes into a temporary directory and renames it when
+complete, so a process killed during a save leaves the previous checkpoint restorable.
 """
 import json
 import signal
@@ -22,9 +24,11 @@ LAST, BEST, DAMAGED = "checkpoints", "best", "damaged_checkpoints"
 
 class Checkpoints:
   """``save(state, meta)`` every time it is called (the caller decides when), ``save_best``
-  after an evaluation, ``restore_latest(abstract_state)``."""
+  after an evaluation, ``restore_latest(template)``. ``form``: a ``state.CheckpointForm`` to save
+  named trees (None: the state as it is)."""
 
-  def __init__(self, workdir, keep=3):
+  def __init__(self, workdir, keep=3, form=None):
+    self.form = form
     workdir = paths.absolute(workdir)
     self.last = ocp.CheckpointManager(
         workdir / LAST, options=ocp.CheckpointManagerOptions(max_to_keep=keep,
@@ -34,10 +38,23 @@ class Checkpoints:
             max_to_keep=1, best_fn=lambda metrics: metrics["score"], best_mode="max",
             enable_async_checkpointing=True))
 
-  @staticmethod
-  def _args(state, meta):
-    return ocp.args.Composite(state=ocp.args.StandardSave(state),
+  def _args(self, state, meta):
+    tree = state if self.form is None else self.form.to_tree(state)
+    return ocp.args.Composite(state=ocp.args.StandardSave(tree),
                               meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=str))))
+
+  def _restore_state(self, manager, step, template):
+    """The state of ``step`` laid out and sharded as ``template`` (a state, or its ``abstract``
+    for a checkpoint of the same form), from named trees or from the older flat vectors."""
+    if self.form is not None and _is_named(_saved_tree(manager.directory / str(step) / "state")):
+      tree = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(self.form.abstract_tree(template))))["state"]
+      return self.form.from_tree(tree, template)
+    if self.form is not None:
+      print(f"checkpoint {manager.directory / str(step)} holds flat vectors (written before "
+            "checkpoints held named trees): read in that layout")
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract(template))))["state"]
 
   def save(self, state, meta, wait=False):
     """Starts an asynchronous save of ``state`` at its iteration; ``wait`` blocks until done."""
@@ -56,16 +73,15 @@ class Checkpoints:
   def latest_step(self):
     return self.last.latest_step()
 
-  def restore_latest(self, abstract_state):
-    """(state, meta) of the newest checkpoint that reads back completely, or None where there is
-    none. A checkpoint whose state does not read (a truncated file after a preempted copy or a
+  def restore_latest(self, template):
+    """(state, meta) of the newest checkpoint that reads back completely, laid out and sharded as
+    ``template`` (the fresh state), or None where there is none. A checkpoint whose state does not read (a truncated file after a preempted copy or a
     full disk) is moved aside to ``<workdir>/damaged_checkpoints/`` with a message, and the one
     before it is tried; a damaged ``meta`` alone costs the counters, not the weights."""
     for step in sorted(self.last.all_steps(), reverse=True):
       error = None
       try:
-        state = self.last.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
+        state = self._restore_state(self.last, step, template)
       except Exception as caught:  # noqa: BLE001  (orbax/tensorstore raise many kinds)
         error = caught
       if not _everywhere(error is None):  # every process skips the step if one could not read it
@@ -92,16 +108,16 @@ class Checkpoints:
     _barrier(f"set_aside_{step}")
     self.last.reload()
 
-  def restore(self, abstract_state, step=None, best=False):
-    """(state, meta) of ``step`` (default: the latest; ``best``: the best one). ``abstract_state``:
-    a state or ``jax.ShapeDtypeStruct`` tree with the shardings to restore into."""
+  def restore(self, template, step=None, best=False):
+    """(state, meta) of ``step`` (default: the latest; ``best``: the best one), laid out and
+    sharded as ``template``: a state, or without a ``form`` its ``abstract``."""
     manager = self.best if best else self.last
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["meta"]
+    state = self._restore_state(manager, step, template)
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return state, meta
 
   def wait(self):
     self.last.wait_until_finished()
@@ -137,20 +153,30 @@ def load_model_variables(path, ema=True):
   state = _restore_as_numpy(step_directory / "state")
   meta = json.loads((step_directory / "meta" / "metadata").read_text())  # orbax's JSON item
   name = meta["config"]["model"]["name"]
-  model = models.build(name, num_classes=len(meta["class_names"]))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 64, 64, 3)),
-                                             train=False))
-  layout = train_state.Layout.of(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
   prefix = "ema_" if ema else ""
+  if isinstance(state["params"], dict):  # named trees
+    return name, {"params": state[f"{prefix}params"],
+                  "batch_stats": state[f"{prefix}batch_stats"]}, meta
+  shapes = models.abstract_variables(name, len(meta["class_names"]))
+  layout = train_state.Layout.of(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
   return name, layout.variables(state[f"{prefix}params"], state[f"{prefix}batch_stats"]), meta
 
 
 def _restore_as_numpy(directory):
   """The arrays of an orbax checkpoint as NumPy arrays, whatever devices and processes saved them
   (a checkpoint of a sharded state names devices this process may not have)."""
-  checkpointer = ocp.StandardCheckpointer()
-  saved = checkpointer.metadata(directory).item_metadata.tree
-  return checkpointer.restore(directory, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), saved))
+  return ocp.StandardCheckpointer().restore(
+      directory, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), _saved_tree(directory)))
+
+
+def _saved_tree(directory):
+  """The tree of array metadata (shapes, dtypes) that an orbax item directory holds."""
+  return ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
+
+
+def _is_named(saved_tree):
+  """Whether a saved state holds named trees (else the flat vectors of the older form)."""
+  return isinstance(saved_tree, dict) and isinstance(saved_tree.get("params"), dict)
 
 
 def _first_line(error):

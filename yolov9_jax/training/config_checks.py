@@ -1,5 +1,6 @@
 """Bad config values fail at start, with a message naming the field."""
-from yolov9_jax import models
+from yolov9_jax import models, sharding
+from yolov9_jax.data import sources
 
 
 def _fail(field, value, expected):
@@ -7,6 +8,7 @@ def _fail(field, value, expected):
 
 
 def validate(config, num_devices):
+  """Every rule once, before anything is built: ``num_devices`` is the mesh's size."""
   if config.model.name not in models.ARCHITECTURES:
     _fail("model.name", config.model.name, f"expected one of {sorted(models.ARCHITECTURES)}")
   if config.model.dtype not in ("float32", "bfloat16", "float64"):
@@ -23,8 +25,7 @@ def validate(config, num_devices):
     _fail("train.steps_per_epoch", config.train.steps_per_epoch, "expected >= 0 (0: from the data)")
   for field in ("train.batch_size", "eval.batch_size"):
     section, name = field.split(".")
-    if config[section][name] % num_devices:
-      _fail(field, config[section][name], f"not divisible by the {num_devices} devices")
+    sharding.check_batch_size(config[section][name], num_devices, f"config field {field}")
   for name in ("mosaic", "mixup", "fliplr"):
     if not 0 <= config.augment[name] <= 1:
       _fail(f"augment.{name}", config.augment[name], "expected a probability in [0, 1]")
@@ -32,5 +33,4 @@ def validate(config, num_devices):
     _fail("augment.scale", config.augment.scale, "expected a value in [0, 1)")
   if not config.optimizer.lr0 > 0:  # NaN too
     _fail("optimizer.lr0", config.optimizer.lr0, "expected a positive learning rate")
-  if config.data.source not in ("tfds", "shapes"):
-    _fail("data.source", config.data.source, "expected 'tfds' or 'shapes'")
+  sources.check_source(config.data.source)

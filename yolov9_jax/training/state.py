@@ -14,6 +14,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
 _CLASS_BRANCH = re.compile(r"^cv[35]_\d+_\d+$")  # the heads' class convs, official cv3/cv5.<level>.<k>
@@ -118,3 +119,75 @@ def transfer(pretrained, fresh):
     raise ValueError("the checkpoint does not fit this architecture outside the class head: " +
                      "; ".join(foreign[:10]) + (f" (and {len(foreign) - 10} more)" if len(foreign) > 10 else ""))
   return out, reinitialised
+
+
+# How a checkpoint holds a TrainState: each flat vector as the model's variable tree, by name
+# (``params/model_0/conv/kernel``, the key names of ``interop``), so that any orbax user reads
+# the weights without this package's layout; the flat vectors stay the step's business.
+_PARAMETER_VECTORS = ("params", "ema_params", "grad_sum")
+_STATISTICS_VECTORS = ("batch_stats", "ema_batch_stats")
+_FROM_LAYOUT = ("bias_mask", "kernel_mask")  # rebuilt from the model, not saved
+
+
+class _ParameterSlot:
+  """Marks where the optimizer state holds a parameter-shaped vector (a pytree leaf)."""
+
+
+class CheckpointForm:
+  """``to_tree(state)`` -> the named-tree checkpoint form; ``from_tree(tree, template)`` -> the
+  state again, laid out and sharded as ``template``; ``abstract_tree(template)`` -> what to restore
+  into. ``tx`` (the run's optimizer) says which optimizer-state entries are parameter-shaped
+  (``optax.tree_map_params``)."""
+
+  def __init__(self, tx):
+    self.tx = tx
+    self._to_tree = jax.jit(self._unravel)
+
+  def _unravel(self, state):
+    layout = state.layout
+    unravel_params = lambda flat: layout.unravel_params(flat[:sum(layout.leaf_sizes)])
+    tree = {}
+    for field in dataclasses.fields(TrainState):
+      value = getattr(state, field.name)
+      if field.name == "layout" or field.name in _FROM_LAYOUT or value is None:
+        continue
+      if field.name in _PARAMETER_VECTORS:
+        value = unravel_params(value)
+      elif field.name in _STATISTICS_VECTORS:
+        value = layout.unravel_batch_stats(value)
+      elif field.name == "opt_state":
+        value = optax.tree_map_params(self.tx, unravel_params, value)
+      tree[field.name] = value
+    return tree
+
+  def to_tree(self, state):
+    return self._to_tree(state)
+
+  def abstract_tree(self, template):
+    """ShapeDtypeStructs of ``to_tree(template)``, replicated over ``template``'s mesh."""
+    replicated = jax.sharding.NamedSharding(template.params.sharding.mesh,
+                                            jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                        jax.eval_shape(self._unravel, template))
+
+  def from_tree(self, tree, template):
+    """The TrainState of checkpoint ``tree``, with ``template``'s layout, masks and shardings."""
+    slots = optax.tree_map_params(self.tx, lambda _: _ParameterSlot(), template.opt_state)
+
+    def ravel(tree, template):
+      layout = template.layout
+      values = {}
+      for name, value in tree.items():
+        if name in _PARAMETER_VECTORS:
+          value = layout.flatten_params(value)
+        elif name in _STATISTICS_VECTORS:
+          value, _ = ravel_pytree(value)
+        elif name == "opt_state":
+          value = jax.tree.map(
+              lambda slot, sub: layout.flatten_params(sub) if isinstance(slot, _ParameterSlot) else sub,
+              slots, value, is_leaf=lambda x: isinstance(x, _ParameterSlot))
+        values[name] = value
+      return template.replace(**values)
+
+    shardings = jax.tree.map(lambda x: x.sharding, template)
+    return jax.jit(ravel, out_shardings=shardings)(tree, template)

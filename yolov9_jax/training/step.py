@@ -1,6 +1,6 @@
 """The train step: one global batch -> gradients of the main + auxiliary (PGI) loss -> maybe an
 optimizer update (when ``accumulate`` steps are summed) -> EMA. A pure function of (state, batch);
-jit it once with the shardings of ``training.sharding``."""
+jit it once with the shardings of ``yolov9_jax.sharding``."""
 import functools
 
 import jax
