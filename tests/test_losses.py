@@ -6,9 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from yolov9_jax import losses
+from yolov9_jax import losses, sharding
 from yolov9_jax.models import heads
 
 LEVELS = ("p3", "p4", "p5")
@@ -163,8 +162,8 @@ def test_batch_sharded_over_a_mesh_gives_the_unsharded_loss(spec_dir):
              "valid": jnp.concatenate([targets["valid"]] * 2)}
   loss = _loss_fn(result["image_hw"])
   unsharded_total, _ = loss(outs, targets)
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+  mesh = sharding.make_mesh()
+  batch_sharding = sharding.batch_sharding(mesh)
   sharded_outs, sharded_targets = jax.device_put((outs, targets), batch_sharding)
   assert len(sharded_outs["main"][0].sharding.device_set) == 8
   sharded_total, _ = loss(sharded_outs, sharded_targets)
@@ -174,7 +173,7 @@ def test_batch_sharded_over_a_mesh_gives_the_unsharded_loss(spec_dir):
 def test_defaults_are_the_official_settings_and_shapes_are_checked():
   config = losses.default_config()
   assert (config.box_gain, config.cls_gain, config.dfl_gain, config.aux_weight) == (7.5, 0.5, 1.5, 0.25)
-  assert (config.top_k, config.alpha, config.beta, config.reg_max) == (10, 0.5, 6.0, 16)
+  assert (config.top_k, config.alpha, config.beta) == (10, 0.5, 6.0)
   outs = _random_maps(jax.random.PRNGKey(0), 1, (64, 64), branches=("main",))
   targets = {"boxes": jnp.zeros((1, 1, 4)), "classes": jnp.zeros((1, 1), jnp.int32),
              "valid": jnp.zeros((1, 1), bool)}
