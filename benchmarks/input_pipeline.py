@@ -16,7 +16,6 @@ import tempfile
 import time
 
 import numpy as np
-from PIL import Image
 
 from yolov9_jax.data import coco_format, eval_batches, pipeline, shapes
 
@@ -33,25 +32,6 @@ def _measure(make_batches, count, images_per_batch):
           "images_per_cpu_second": round(images / cpu, 1)}
 
 
-def _coco_like(annotations_path, out_dir):
-  """The images as JPEG with a 640 px long side, boxes scaled to match; returns the new JSON."""
-  coco = json.loads(annotations_path.read_text())
-  out_dir.mkdir(parents=True, exist_ok=True)
-  ratios = {}
-  for info in coco["images"]:
-    with Image.open(annotations_path.parent / "images" / info["file_name"]) as image:
-      ratio = 640 / max(image.size)
-      size = (round(image.width * ratio), round(image.height * ratio))
-      info.update(file_name=info["file_name"].rsplit(".", 1)[0] + ".jpg", width=size[0], height=size[1])
-      image.resize(size, Image.BILINEAR).save(out_dir / info["file_name"], quality=90)
-      ratios[info["id"]] = ratio
-  for annotation in coco["annotations"]:
-    annotation["bbox"] = [v * ratios[annotation["image_id"]] for v in annotation["bbox"]]
-  path = out_dir / "annotations.json"
-  path.write_text(json.dumps(coco))
-  return path
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--images", type=int, default=128)
@@ -63,7 +43,7 @@ def main():
   args = parser.parse_args()
 
   root = pathlib.Path(tempfile.mkdtemp(prefix="yolov9_jax_bench_"))
-  annotations = _coco_like(shapes.generate(root / "raw", num_images=args.images, image_hw=(480, 640)),
+  annotations = shapes.as_jpegs(shapes.generate(root / "raw", num_images=args.images, image_hw=(480, 640)),
                            root / "jpeg")
   builder, _ = coco_format.prepare(annotations, root / "jpeg", root / "tfds", "shapes_bench")
   source = builder.as_data_source(split="train")

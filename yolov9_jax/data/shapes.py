@@ -81,3 +81,27 @@ def generate(out_dir, num_images=256, image_hw=(256, 256), max_objects=8, seed=0
   path.write_text(json.dumps({"images": images, "annotations": annotations,
                               "categories": list(CATEGORIES)}))
   return path
+
+
+def as_jpegs(annotations_path, out_dir, long_side=640, quality=90):
+  """A copy of a generated set as COCO-like JPEGs: each image resized to ``long_side`` pixels on
+  its long side (as nearly every COCO image is), boxes scaled to match. Returns the new JSON's
+  path (``out_dir/annotations.json``); the images lie beside it. The benchmarks' data."""
+  annotations_path = pathlib.Path(annotations_path)  # local: written by ``generate``
+  out_dir = pathlib.Path(out_dir)  # local: generated on this machine's disk
+  coco = json.loads(annotations_path.read_text())
+  out_dir.mkdir(parents=True, exist_ok=True)
+  ratios = {}
+  for info in coco["images"]:
+    with Image.open(annotations_path.parent / "images" / info["file_name"]) as image:
+      ratio = long_side / max(image.size)
+      size = (round(image.width * ratio), round(image.height * ratio))
+      info.update(file_name=info["file_name"].rsplit(".", 1)[0] + ".jpg", width=size[0],
+                  height=size[1])
+      image.resize(size, Image.BILINEAR).save(out_dir / info["file_name"], quality=quality)
+      ratios[info["id"]] = ratio
+  for annotation in coco["annotations"]:
+    annotation["bbox"] = [v * ratios[annotation["image_id"]] for v in annotation["bbox"]]
+  path = out_dir / "annotations.json"
+  path.write_text(json.dumps(coco))
+  return path
