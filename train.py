@@ -7,7 +7,6 @@
 Every host of a multi-host job runs the same command with --config.distributed=True. Running the
 same command again resumes from the workdir's latest checkpoint, exactly. SIGTERM saves and exits.
 """
-import json
 import os
 import pathlib
 import sys
@@ -19,16 +18,15 @@ xla_flags.use_fast_cpu_convolutions()  # before JAX starts
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 import tqdm  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from yolov9_jax import models, paths, sharding, weights  # noqa: E402
 from yolov9_jax.data import eval_batches, pipeline, sources, visualize  # noqa: E402
 from yolov9_jax.evaluation import evaluator  # noqa: E402
-from yolov9_jax.training import checkpoint, config_checks, program  # noqa: E402
+from yolov9_jax.training import checkpoint, config_checks, program, writers  # noqa: E402
 from yolov9_jax.training import state as train_state  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent  # local: this repository
@@ -41,10 +39,8 @@ FLAGS = flags.FLAGS
 def init_variables(config, num_classes):
   """Fresh variables from the config seed; with ``model.init_from``, the checkpoint's weights
   except the class head where the number of classes differs."""
-  model = models.build(config.model.name, num_classes=num_classes, dtype=config.model.dtype)
-  size = config.augment.image_size
-  key = jax.random.key(config.seed)
-  variables = jax.jit(lambda: model.init(key, np.zeros((1, size, size, 3), np.float32), train=False))()
+  variables = models.init_variables(config.model.name, num_classes, config.seed,
+                                    config.augment.image_size, config.model.dtype)
   if config.model.init_from:
     pretrained, _ = weights.load(config.model.init_from, config.model.name)
     variables, fresh = train_state.transfer(pretrained, variables)
@@ -52,19 +48,10 @@ def init_variables(config, num_classes):
   return variables
 
 
-def log_scalars(writer, jsonl_path, step, scalars):
-  """TensorBoard scalars and one JSON line (process 0 only)."""
-  if writer is None:
-    return
-  with writer.as_default(step=step):
-    for name, value in scalars.items():
-      tf.summary.scalar(name, value)
-  paths.append_text(jsonl_path, json.dumps({"step": step, **scalars}) + "\n")
-
-
 def log_eval_images(writer, step, result, source, category_ids, class_names, count):
-  """A few validation images with their predicted boxes (score >= 0.25) in TensorBoard."""
-  if writer is None or count == 0:
+  """A few validation images with their predicted boxes (score >= 0.25) in TensorBoard (drawn on
+  process 0 only)."""
+  if jax.process_index() > 0 or count == 0:
     return
   label_of = {category: label for label, category in enumerate(category_ids)}
   images = []
@@ -77,9 +64,7 @@ def log_eval_images(writer, step, result, source, category_ids, class_names, cou
     drawn = visualize.draw_boxes(np.asarray(example["image"]), boxes, labels, class_names,
                                  [r["score"] for r in found])
     images.append(np.asarray(drawn))
-  with writer.as_default(step=step):
-    for i, image in enumerate(images):
-      tf.summary.image(f"validation/{i}", image[None], step=step)
+  writer.write_images(step, {f"validation/{i}": image for i, image in enumerate(images)})
 
 
 def train(config, workdir):
@@ -128,8 +113,7 @@ def train(config, workdir):
   if is_main_process and start_step == 0:
     visualize.save_batch_grid(train_data.batch(0), data.class_names, workdir / "train_batch0.png")
 
-  writer = tf.summary.create_file_writer(str(workdir / "tensorboard")) if is_main_process else None
-  jsonl = workdir / "metrics.jsonl"
+  writer = writers.create(workdir, is_main_process)
   preemption = checkpoint.Preemption()
 
   def meta():
@@ -154,7 +138,7 @@ def train(config, workdir):
         progress=is_main_process)
     # The same on every process (the evaluator shares its metrics), so all save the best together.
     fitness = 0.1 * result.metrics["AP50"] + 0.9 * result.metrics["AP"]
-    log_scalars(writer, jsonl, step, {f"eval/{k}": v for k, v in result.metrics.items() if k != "table"})
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in result.metrics.items() if k != "table"})
     log_eval_images(writer, step, result, data.eval, data.category_ids, data.class_names,
                     config.eval.num_images_logged)
     if fitness > best_fitness:
@@ -176,6 +160,7 @@ def train(config, workdir):
       progress.update()
       if previous is not None and int(previous["consecutive_nonfinite"]) >= config.train.max_consecutive_nonfinite:
         checkpoints.wait()
+        writer.close()
         sys.exit(f"stopping: {config.train.max_consecutive_nonfinite} consecutive steps had a "
                  f"non-finite loss or gradient (step {step}); the data or the settings are broken. "
                  f"The last good checkpoint in {workdir / checkpoint.LAST} is intact.")
@@ -186,7 +171,7 @@ def train(config, workdir):
         values["images_per_second"] = config.train.log_every_steps * batch_size / seconds
         interval_start = time.perf_counter()
         progress.set_postfix({k: f"{values[k]:.4g}" for k in ("box", "cls", "dfl", "lr", "images_per_second")})
-        log_scalars(writer, jsonl, step, {f"train/{k}": v for k, v in values.items()})
+        writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
       if step % config.train.checkpoint_every_steps == 0:
         checkpoints.save(state, meta())
       stop = (multihost_utils.reached_preemption_sync_point(step)
@@ -195,6 +180,7 @@ def train(config, workdir):
         progress.close()
         checkpoints.save(state, meta(), wait=True)
         checkpoints.close()
+        writer.close()
         preemption.restore_handler()
         print(f"preempted: saved step {step} in {workdir / checkpoint.LAST}")
         return state, None
@@ -207,6 +193,7 @@ def train(config, workdir):
   result = run_evaluation(step)
   checkpoints.wait()
   checkpoints.close()
+  writer.close()
   preemption.restore_handler()
   if is_main_process:
     print(result.metrics["table"])
@@ -238,7 +225,7 @@ def run(config, workdir):
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save and read at INFO
+  writers.log_at_info_without_chatty_libraries()
   config_file = FLAGS["config"].config_filename.split(":")[0]
   config_name = os.path.splitext(os.path.basename(config_file))[0]
   run(FLAGS.config, FLAGS.workdir or REPO / "runs" / config_name)

@@ -126,7 +126,8 @@ def test_sgd_update_is_pytorch_nesterov_with_coupled_decay_and_group_lrs():
   opt_state = tx.init(params)
   buffer, expected = np.zeros(4), np.asarray(params, np.float64)
   for momentum, lr_bias, lr in [(0.8, 0.1, 0.0), (0.9, 0.05, 0.01)]:
-    updates, opt_state = tx.update(grads, optim.with_momentum(opt_state, momentum), (params, kernel_mask))
+    updates, opt_state = tx.update(grads, optim.with_momentum(opt_state, momentum), params,
+                                   kernel_mask=kernel_mask)
     params = params + optim.scale_by_lr(updates, lr_bias, lr, bias_mask)
     # torch.optim.SGD(nesterov=True): g += wd p (kernels); buf = m buf + g; p -= lr (g + m buf)
     g = 0.1 + 5e-4 * expected * kernel_mask

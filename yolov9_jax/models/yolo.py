@@ -107,6 +107,15 @@ def build(name: str, num_classes: int = 80, dtype=jnp.float32, fused: bool = Fal
   return YOLO(name, num_classes=num_classes, dtype=dtype, fused=fused, remat=remat)
 
 
+def init_variables(architecture: str, num_classes: int, seed: int, image_size: int = 64,
+                   dtype="float32"):
+  """Fresh training variables ({"params", "batch_stats"}) drawn from ``seed``."""
+  model = build(architecture, num_classes=num_classes, dtype=dtype)
+  key = jax.random.key(seed)
+  return jax.jit(lambda: model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32),
+                                    train=False))()
+
+
 @functools.lru_cache(maxsize=32)
 def abstract_variables(architecture: str, num_classes: int = 80, fused: bool = False):
   """The training variables' (or with ``fused`` the inference form's) shapes and dtypes as

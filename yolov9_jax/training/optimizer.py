@@ -90,21 +90,28 @@ def make_optimizer(config, global_batch_size):
   learning rates are applied per group by ``scale_by_lr``, after the momentum, exactly where
   PyTorch's SGD applies them. Group 2 (BatchNorm gamma) has neither decay nor the bias warm-up.
 
-  The weight decay needs the kernel mask: ``tx.update(grads, state, (params, kernel_mask))``.
+  The weight decay reads which entries are conv kernels from an extra argument:
+  ``tx.update(grads, opt_state, params, kernel_mask=kernel_mask)``.
   """
-  weight_decay = scaled_weight_decay(config, global_batch_size)
   return optax.chain(
       optax.clip_by_global_norm(config.max_grad_norm),
-      optax.stateless(lambda updates, params_and_mask: updates + weight_decay * jnp.where(
-          params_and_mask[1], params_and_mask[0], 0.0)),
+      _kernel_weight_decay(scaled_weight_decay(config, global_batch_size)),
       optax.inject_hyperparams(optax.trace)(decay=config.momentum, nesterov=True),
   )
 
 
+def _kernel_weight_decay(weight_decay):
+  """PyTorch's coupled weight decay (g + wd p) on the entries of the flat parameter vector that
+  ``kernel_mask`` marks; optax's own ``masked`` selects whole leaves, not entries of one."""
+  def update(updates, state, params, *, kernel_mask, **unused_extra_args):
+    return updates + weight_decay * jnp.where(kernel_mask, params, 0.0), state
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
 def with_momentum(opt_state, momentum):
-  """``opt_state`` of ``make_optimizer`` with the momentum of this update."""
-  clip, decay, trace = opt_state
-  return clip, decay, trace._replace(hyperparams={**trace.hyperparams, "decay": momentum})
+  """``opt_state`` of ``make_optimizer`` with the momentum of this update (the trace's injected
+  hyperparameter ``decay``, found by name)."""
+  return optax.tree_utils.tree_set(opt_state, decay=momentum)
 
 
 def scale_by_lr(updates, lr_bias, lr_weights, bias_mask):

@@ -36,7 +36,7 @@ def train_step(state, batch, *, model, tx, num_classes, loss_config, recipe, ste
                                           hyper["accumulate"])
 
   updates, opt_state = tx.update(grad_sum, optim.with_momentum(state.opt_state, hyper["momentum"]),
-                                 (state.params, state.kernel_mask))
+                                 state.params, kernel_mask=state.kernel_mask)
   params = state.params + optim.scale_by_lr(updates, hyper["lr_bias"], hyper["lr_weights"],
                                             state.bias_mask)
   # A finite gradient can still push weights to inf (a learning rate far too high): such an
