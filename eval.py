@@ -104,7 +104,7 @@ def main(argv):
 
 def _write_results(out_dir, result, category_ids, class_names):
   """predictions.json, metrics.json, per_class_ap.csv and the two plots, into ``out_dir``."""
-  (out_dir / "predictions.json").write_text(json.dumps(result.results))
+  (out_dir / "predictions.json").write_text(json.dumps(result.predictions.to_coco(category_ids)))
   (out_dir / "metrics.json").write_text(json.dumps(
       {**{k: v for k, v in result.metrics.items() if k != "table"}, "images": result.images,
        "images_per_second": result.images_per_second, "rectangular": FLAGS.rectangular,

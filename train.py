@@ -48,23 +48,21 @@ def init_variables(config, num_classes):
   return variables
 
 
-def log_eval_images(writer, step, result, source, category_ids, class_names, count):
+def log_eval_images(writer, step, result, source, class_names, count):
   """A few validation images with their predicted boxes (score >= 0.25) in TensorBoard (drawn on
-  process 0 only)."""
+  process 0, which holds the predictions)."""
   if jax.process_index() > 0 or count == 0:
     return
-  label_of = {category: label for label, category in enumerate(category_ids)}
-  images = []
+  per_image = result.predictions.by_image()
+  images = {}
   for index in range(min(count, len(source))):
     example = source[index]
-    image_id = eval_batches.example_image_id(example)
-    found = [r for r in result.results if r["image_id"] == image_id and r["score"] >= 0.25]
-    boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in found)]).reshape(-1, 4)
-    labels = [label_of[r["category_id"]] for r in found]
-    drawn = visualize.draw_boxes(np.asarray(example["image"]), boxes, labels, class_names,
-                                 [r["score"] for r in found])
-    images.append(np.asarray(drawn))
-  writer.write_images(step, {f"validation/{i}": image for i, image in enumerate(images)})
+    found = per_image.get(eval_batches.example_image_id(example), evaluator.Predictions.empty())
+    found = found.select(found.scores >= 0.25)
+    drawn = visualize.draw_boxes(np.asarray(example["image"]), found.boxes_xyxy_px, found.labels,
+                                 class_names, found.scores)
+    images[f"validation/{index}"] = np.asarray(drawn)
+  writer.write_images(step, images)
 
 
 def train(config, workdir):
@@ -139,8 +137,7 @@ def train(config, workdir):
     # The same on every process (the evaluator shares its metrics), so all save the best together.
     fitness = 0.1 * result.metrics["AP50"] + 0.9 * result.metrics["AP"]
     writer.write_scalars(step, {f"eval/{k}": v for k, v in result.metrics.items() if k != "table"})
-    log_eval_images(writer, step, result, data.eval, data.category_ids, data.class_names,
-                    config.eval.num_images_logged)
+    log_eval_images(writer, step, result, data.eval, data.class_names, config.eval.num_images_logged)
     if fitness > best_fitness:
       best_fitness = fitness
       checkpoints.save_best(state, meta(), fitness)

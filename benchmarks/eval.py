@@ -75,7 +75,7 @@ def main():
       "model_nms_images_per_second": round(network_nms["images_per_second"], 1),
       "eval_compile_seconds": round(result.compile_seconds, 1),
       "evaluate_total_seconds": round(total_seconds, 1),  # compilation and COCOeval included
-      "detections_per_image": round(len(result.results) / max(result.images, 1), 1),
+      "detections_per_image": round(len(result.predictions) / max(result.images, 1), 1),
       "nms_candidates_dropped": result.candidates_dropped}))
 
 

@@ -39,8 +39,8 @@ def test_labels_round_trip_through_the_coco_91_id_map():
   labels = np.arange(80)
   back = np.array([ids.index(ids[label]) for label in labels])
   np.testing.assert_array_equal(back, labels)
-  result = coco_metrics.to_coco_results(np.array([[1.0, 2.0, 11.0, 22.0]]), np.array([0.5]),
-                                        np.array([11]), 1, image_id=7, category_ids=ids)
+  result = coco_metrics.to_coco_results([7], np.array([[1.0, 2.0, 11.0, 22.0]]), np.array([0.5]),
+                                        np.array([11]), category_ids=ids)
   assert result == [{"image_id": 7, "category_id": 13, "bbox": [1.0, 2.0, 10.0, 20.0], "score": 0.5}]
 
 

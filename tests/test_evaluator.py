@@ -2,6 +2,7 @@
 weights files load back or fail with a message naming the problem; eval.py and detect.py end to
 end on a tiny shapes set."""
 import csv
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -81,18 +82,27 @@ def test_ground_truth_fed_as_predictions_gives_ap_1_and_a_diagonal_confusion_mat
   builder, _ = shapes_dataset
   category_ids = coco_format.category_ids(builder)
   recorded = evaluator.RecordingSource(builder.as_data_source(split="validation"))
-  results, image_ids = [], []
+  parts, image_ids = [], []
   plan = eval_batches.make_plan(evaluator.images_hw(recorded), 5, SIZE, rectangular)
   assert (len(plan.distinct_shapes) > 1) == rectangular
   for batch in eval_batches.batches(recorded, plan):
-    batch_results, batch_ids, _ = evaluator.detections_to_results(
-        _ground_truth_as_detections(batch, recorded), batch, category_ids)
-    results += batch_results
+    batch_predictions, batch_ids, _ = evaluator.detections_to_predictions(
+        _ground_truth_as_detections(batch, recorded), batch)
+    parts.append(batch_predictions)
     image_ids += batch_ids
-  ground_truth = evaluator.ground_truth_from_examples(recorded.images_hw, recorded.objects,
-                                                      category_ids, CLASS_NAMES)
-  assert sorted(image_ids) == list(range(1, 13)) and len(results) == len(ground_truth["annotations"])
-  scored = evaluator.score(results, image_ids, ground_truth, category_ids, CLASS_NAMES)
+  predictions = evaluator.Predictions.concatenate(parts)
+  # The recording survives the arrays that processes exchange.
+  images_hw, objects = evaluator.RecordingSource.from_rows(*recorded.rows())
+  assert images_hw == recorded.images_hw and objects.keys() == recorded.objects.keys()
+  for image_id, (bbox, labels, crowd) in objects.items():
+    np.testing.assert_array_equal(bbox, recorded.objects[image_id][0])
+    np.testing.assert_array_equal(labels, recorded.objects[image_id][1])
+    np.testing.assert_array_equal(crowd, recorded.objects[image_id][2])
+  ground_truth = evaluator.ground_truth_from_examples(images_hw, objects, category_ids, CLASS_NAMES)
+  assert ground_truth == evaluator.ground_truth_from_examples(
+      recorded.images_hw, recorded.objects, category_ids, CLASS_NAMES)
+  assert sorted(image_ids) == list(range(1, 13)) and len(predictions) == len(ground_truth["annotations"])
+  scored = evaluator.score(predictions, image_ids, ground_truth, category_ids, CLASS_NAMES)
   assert scored["metrics"]["AP"] == scored["metrics"]["AP50"] == 1.0
   assert all(ap == {"AP": 1.0, "AP50": 1.0} for ap in scored["per_class_ap"].values())
   per_class_truths = np.bincount([a["category_id"] - 1 for a in ground_truth["annotations"]],
@@ -101,12 +111,13 @@ def test_ground_truth_fed_as_predictions_gives_ap_1_and_a_diagonal_confusion_mat
   assert (scored["pr_precision"][:, -1] == 1.0).all()  # precision 1 up to recall 1
 
   # One detection relabelled: a confusion between two classes, and AP below 1.
-  wrong = dict(results[0], category_id=results[0]["category_id"] % 3 + 1)
-  scored = evaluator.score([wrong] + results[1:], image_ids, ground_truth, category_ids,
-                           CLASS_NAMES)
+  labels = predictions.labels.copy()
+  labels[0] = (labels[0] + 1) % 3
+  scored = evaluator.score(dataclasses.replace(predictions, labels=labels), image_ids,
+                           ground_truth, category_ids, CLASS_NAMES)
   matrix = scored["confusion_matrix"]
-  assert matrix[wrong["category_id"] - 1, results[0]["category_id"] - 1] == 1
-  assert matrix.sum() == len(results) and scored["metrics"]["AP"] < 1.0
+  assert matrix[labels[0], predictions.labels[0]] == 1
+  assert matrix.sum() == len(predictions) and scored["metrics"]["AP"] < 1.0
 
 
 def test_evaluation_sharded_over_8_devices_equals_one_device(shapes_dataset, gelan_t_3_classes):
@@ -121,10 +132,11 @@ def test_evaluation_sharded_over_8_devices_equals_one_device(shapes_dataset, gel
   assert len(jax.devices()) == 8
   single, sharded = runs
   assert single.images == sharded.images == 12  # 12 images in 2 batches of 8, the last padded
-  assert len(single.results) > 12 * 10  # the untrained model detects plenty in every image
+  assert len(single.predictions) > 12 * 10  # the untrained model detects plenty in every image
 
   def table(result):
-    ordered = sorted(result.results, key=lambda r: (r["image_id"], -r["score"], r["category_id"]))
+    ordered = sorted(result.predictions.to_coco(category_ids),
+                     key=lambda r: (r["image_id"], -r["score"], r["category_id"]))
     return (np.array([(r["image_id"], r["category_id"]) for r in ordered]),
             np.array([r["bbox"] + [r["score"]] for r in ordered]))
 
@@ -147,7 +159,7 @@ def test_the_square_protocol_gives_the_numbers_it_gave_before_the_rectangles(sha
                               coco_format.category_ids(builder), class_names=CLASS_NAMES,
                               image_size=SIZE, batch_size=8, rectangular=False, progress=False)
   assert result.batch_shapes == ((SIZE, SIZE),)
-  assert len(result.results) == 3024
+  assert len(result.predictions) == 3024
   assert result.metrics["AP"] == pytest.approx(0.002237546920651585, abs=1e-6)
   assert result.metrics["AP50"] == pytest.approx(0.010010206738495135, abs=1e-6)
 
@@ -210,7 +222,7 @@ def test_eval_script_prints_the_coco_table_and_writes_results_and_plots(
   assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed
   assert "triangle" in printed and "images/s" in printed
   predictions = json.loads((out_dir / "predictions.json").read_text())
-  assert predictions == result.results and len(predictions) > 12 * 10
+  assert predictions == result.predictions.to_coco([1, 2, 3]) and len(predictions) > 12 * 10
   assert set(predictions[0]) == {"image_id", "category_id", "bbox", "score"}
   assert {p["category_id"] for p in predictions} <= {1, 2, 3}
   rows = list(csv.DictReader((out_dir / "per_class_ap.csv").open()))

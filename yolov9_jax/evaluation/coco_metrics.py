@@ -25,16 +25,14 @@ def boxes_to_original(boxes_xyxy_px, ratio, pad_xy, original_hw):
   return np.clip(boxes, 0, [width, height, width, height])
 
 
-def to_coco_results(boxes_xyxy_px, scores, labels, count, image_id, category_ids):
-  """One image's detections (original pixels) as COCO result dicts; ``category_ids[label]`` is
-  the dataset's own id (e.g. ``COCO80_TO_91``)."""
-  results = []
-  for (x1, y1, x2, y2), score, label in zip(boxes_xyxy_px[:count], scores[:count], labels[:count]):
-    results.append({"image_id": int(image_id), "category_id": int(category_ids[int(label)]),
-                    "bbox": [round(float(x1), 3), round(float(y1), 3),
-                             round(float(x2 - x1), 3), round(float(y2 - y1), 3)],
-                    "score": round(float(score), 5)})
-  return results
+def to_coco_results(image_ids, boxes_xyxy_px, scores, labels, category_ids):
+  """Detections, one row each (image id, box in original pixels, score, label), as COCO result
+  dicts; ``category_ids[label]`` is the dataset's own id (e.g. ``COCO80_TO_91``)."""
+  return [{"image_id": int(image_id), "category_id": int(category_ids[int(label)]),
+           "bbox": [round(float(x1), 3), round(float(y1), 3),
+                    round(float(x2 - x1), 3), round(float(y2 - y1), 3)],
+           "score": round(float(score), 5)}
+          for image_id, (x1, y1, x2, y2), score, label in zip(image_ids, boxes_xyxy_px, scores, labels)]
 
 
 def load_ground_truth(ground_truth):

@@ -4,7 +4,8 @@ One jitted function per (model, thresholds, mesh) takes a batch of letterboxed u
 normalises them on the device, runs the fused main branch (``inference.inference_model``) and
 ``nms.non_max_suppression``; nothing goes back to the host in between. Batches are sharded over the
 mesh's "data" axis; in a multi-process job every process evaluates its own shard of the dataset
-and process 0 gathers all predictions for one COCO evaluation (pycocotools).
+and process 0 scores all predictions in one COCO evaluation (pycocotools). Detections stay arrays
+(``predictions.Predictions``) until pycocotools needs COCO result dicts.
 
 Batches follow the official ``val.py``: images sorted by aspect ratio, each batch padded to its
 own rectangle of up to ``image_size`` + 32 px (``data.eval_batches``); the detector compiles
@@ -13,11 +14,10 @@ once per distinct batch shape, before the loop. ``rectangular=False`` pads every
 numbers). The resize, the padding colour and the mapping back to original pixels are the
 official ones in both.
 """
-import collections
 import concurrent.futures
 import dataclasses
 import functools
-import pickle
+import json
 import time
 
 import jax
@@ -29,6 +29,7 @@ from tqdm import tqdm
 from yolov9_jax import models, sharding
 from yolov9_jax.data import eval_batches, pipeline
 from yolov9_jax.evaluation import coco_metrics, inference, nms
+from yolov9_jax.evaluation.predictions import Predictions
 
 # The official val.py's confusion matrix: detections above this score, matched above this IoU.
 CONFUSION_SCORE_THRESHOLD = 0.25
@@ -37,10 +38,11 @@ CONFUSION_IOU_THRESHOLD = 0.45
 
 @dataclasses.dataclass
 class EvalResult:
-  """What an evaluation measured. ``metrics`` are on every process; the per-class fields are
-  filled on process 0 only (other processes of a multi-process job get empty ones)."""
+  """What an evaluation measured. ``metrics`` are on every process; the predictions and the
+  per-class fields are filled on process 0 only (other processes of a multi-process job get empty
+  ones)."""
   metrics: dict               # coco_metrics.STAT_NAMES -> float, and "table" (pycocotools' printout)
-  results: list               # COCO result dicts, boxes in original pixels (all processes')
+  predictions: Predictions    # every process's detections, boxes in original pixels
   class_names: list           # in label order
   per_class_ap: dict          # class name -> {"AP", "AP50"}; nan where a class has no ground truth
   pr_recall: np.ndarray       # (101,) COCOeval's recall points
@@ -90,16 +92,36 @@ def host_rows(array):
   return np.concatenate([np.asarray(shard.data) for shard in shards])
 
 
-def _gather_to_all(value):
-  """Every process's ``value`` (anything picklable), in process order, on every process."""
+def _gather_rows(arrays):
+  """Every process's rows of ``arrays`` (numpy arrays of any dtypes, one first dimension),
+  concatenated in process order. Sent as raw bytes, so that float64 boxes and int64 ids arrive
+  exact (JAX would narrow them to 32 bits). An all-gather: JAX has no public gather to one
+  process for host data; only process 0 keeps what the callers here gather."""
+  arrays = [np.ascontiguousarray(a) for a in arrays]
   if jax.process_count() == 1:
-    return [value]
-  payload = np.frombuffer(pickle.dumps(value), np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(np.int32(payload.size))).reshape(-1)
-  padded = np.zeros(int(sizes.max()), np.uint8)
-  padded[:payload.size] = payload
-  everything = np.asarray(multihost_utils.process_allgather(padded))
-  return [pickle.loads(everything[p, :size].tobytes()) for p, size in enumerate(sizes)]
+    return arrays
+  counts = np.asarray(multihost_utils.process_allgather(np.int32(len(arrays[0])))).reshape(-1)
+  gathered = []
+  for array in arrays:
+    row_size = int(np.prod(array.shape[1:], dtype=np.int64))
+    padded = np.zeros((max(int(counts.max()), 1), row_size * array.dtype.itemsize), np.uint8)
+    padded[:len(array)] = array.reshape(len(array), row_size).view(np.uint8)
+    everything = np.asarray(multihost_utils.process_allgather(padded))
+    rows = np.concatenate([everything[p, :count] for p, count in enumerate(counts)])
+    gathered.append(rows.view(array.dtype).reshape(-1, *array.shape[1:]))
+  return gathered
+
+
+def _share_from_main(value):
+  """Process 0's ``value`` (anything JSON can hold) on every process."""
+  if jax.process_count() == 1:
+    return value
+  payload = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(payload.size)))
+  padded = np.zeros(max(size, 1), np.uint8)
+  if jax.process_index() == 0:
+    padded[:size] = payload
+  return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(padded))[:size].tobytes())
 
 
 class RecordingSource:
@@ -122,6 +144,26 @@ class RecordingSource:
                               np.asarray(objects["label"]).reshape(-1),
                               np.asarray(objects["is_crowd"]).reshape(-1))
     return example
+
+  def rows(self):
+    """What was recorded as arrays: (image ids (M,), heights and widths (M, 2), each object's
+    image id (O,), bbox (O, 4) normalised ymin, xmin, ymax, xmax, label (O,), is_crowd (O,))."""
+    ids = sorted(self.images_hw)
+    objects = [self.objects[i] for i in ids]
+    return (np.asarray(ids, np.int64), np.asarray([self.images_hw[i] for i in ids], np.int64).reshape(-1, 2),
+            np.concatenate([np.zeros(0, np.int64)] + [np.full(len(o[1]), i, np.int64)
+                                                      for i, o in zip(ids, objects)]),
+            np.concatenate([np.zeros((0, 4))] + [o[0] for o in objects]),
+            np.concatenate([np.zeros(0, np.int64)] + [o[1].astype(np.int64) for o in objects]),
+            np.concatenate([np.zeros(0, np.int64)] + [o[2].astype(np.int64) for o in objects]))
+
+  @staticmethod
+  def from_rows(image_ids, hw, object_image_ids, bbox, labels, crowd):
+    """``rows()``'s arrays (of one or many processes) -> (images_hw, objects) as recorded."""
+    images_hw = {int(i): (int(h), int(w)) for i, (h, w) in zip(image_ids, hw)}
+    objects = {int(i): (bbox[object_image_ids == i], labels[object_image_ids == i],
+                        crowd[object_image_ids == i]) for i in image_ids}
+    return images_hw, objects
 
 
 def ground_truth_from_examples(images_hw, objects, category_ids, class_names):
@@ -158,26 +200,23 @@ def _xywh_to_xyxy(boxes_xywh):
   return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
 
 
-def confusion_matrix(coco, results, image_ids, category_ids,
+def confusion_matrix(coco, predictions, image_ids, category_ids,
                      score_threshold=CONFUSION_SCORE_THRESHOLD, iou_threshold=CONFUSION_IOU_THRESHOLD):
   """(K + 1, K + 1) counts [predicted label, true label] as the official val.py plots them:
-  detections above ``score_threshold`` matched one-to-one with non-crowd ground truth of any class
-  at IoU > ``iou_threshold``, best IoU first; unmatched detections count against background
-  (column K), missed objects as background predictions (row K)."""
+  ``predictions`` (a ``Predictions``) above ``score_threshold`` matched one-to-one with non-crowd
+  ground truth of any class at IoU > ``iou_threshold``, best IoU first; unmatched detections
+  count against background (column K), missed objects as background predictions (row K)."""
   label_of = {int(c): label for label, c in enumerate(category_ids)}
   background = len(category_ids)
   matrix = np.zeros((background + 1, background + 1), np.int64)
-  detections = collections.defaultdict(list)
-  for result in results:
-    if result["score"] > score_threshold:
-      detections[result["image_id"]].append(result)
-  for image_id in image_ids:
+  per_image = predictions.select(predictions.scores > score_threshold).by_image()
+  for image_id in map(int, image_ids):
     truths = [a for a in coco.imgToAnns.get(image_id, [])
               if not a.get("iscrowd", 0) and a["category_id"] in label_of]
     true_labels = np.array([label_of[a["category_id"]] for a in truths], np.int64)
-    predicted_labels = np.array([label_of[d["category_id"]] for d in detections[image_id]], np.int64)
-    iou = _box_iou_xyxy(_xywh_to_xyxy([d["bbox"] for d in detections[image_id]]),
-                        _xywh_to_xyxy([a["bbox"] for a in truths]))
+    detections = per_image.get(image_id, Predictions.empty())
+    predicted_labels = detections.labels.astype(np.int64)
+    iou = _box_iou_xyxy(detections.boxes_xyxy_px, _xywh_to_xyxy([a["bbox"] for a in truths]))
     predicted_index, true_index = np.nonzero(iou > iou_threshold)
     order = np.argsort(-iou[predicted_index, true_index], kind="stable")
     matched_predicted, matched_true = set(), set()
@@ -230,8 +269,7 @@ def images_hw(source, threads=4):
   part = np.array_split(np.arange(len(source)), jax.process_count())[jax.process_index()]
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
     local = list(pool.map(lambda i: np.shape(source[int(i)]["image"])[:2], part))
-  return np.concatenate([np.asarray(p, np.int64).reshape(-1, 2)
-                         for p in _gather_to_all(local)])
+  return _gather_rows([np.asarray(local, np.int64).reshape(-1, 2)])[0]
 
 
 def evaluate(model_name, variables, source, category_ids, *, class_names=None, image_size=640,
@@ -274,13 +312,13 @@ def evaluate(model_name, variables, source, category_ids, *, class_names=None, i
         np.zeros((local_batch_size, height, width, 3), np.uint8), mesh)))
   compile_seconds = time.perf_counter() - compile_start
 
-  results, image_ids, candidates_dropped = [], [], 0
+  parts, image_ids, candidates_dropped = [], [], 0
 
   def collect(detections, batch):
     nonlocal candidates_dropped
-    batch_results, batch_ids, dropped = detections_to_results(
-        jax.tree.map(host_rows, detections), batch, category_ids)
-    results.extend(batch_results)
+    batch_predictions, batch_ids, dropped = detections_to_predictions(
+        jax.tree.map(host_rows, detections), batch)
+    parts.append(batch_predictions)
     image_ids.extend(batch_ids)
     candidates_dropped += dropped
 
@@ -298,58 +336,59 @@ def evaluate(model_name, variables, source, category_ids, *, class_names=None, i
     collect(*pending)
   seconds = time.perf_counter() - start
 
-  recorded = (reader.images_hw, reader.objects) if ground_truth is None else None
-  gathered = _gather_to_all((results, image_ids, candidates_dropped, recorded))
-  results = [r for part in gathered for r in part[0]]
-  image_ids = sorted(i for part in gathered for i in part[1])
-  common = dict(results=results, class_names=class_names, images=len(image_ids),
+  predictions = Predictions(*_gather_rows(dataclasses.astuple(Predictions.concatenate(parts))))
+  image_ids = np.sort(_gather_rows([np.asarray(image_ids, np.int64)])[0])
+  dropped = _gather_rows([np.asarray([candidates_dropped], np.int64)])[0]
+  recorded = None if ground_truth is not None else _gather_rows(reader.rows())
+  common = dict(class_names=class_names, images=len(image_ids),
                 images_per_second=len(image_ids) / max(seconds, 1e-9),
                 compile_seconds=compile_seconds, batch_shapes=plan.distinct_shapes,
-                candidates_dropped=sum(part[2] for part in gathered))
+                candidates_dropped=int(dropped.sum()))
   scored = None
   if jax.process_index() == 0:  # one COCO evaluation, on process 0
     if ground_truth is None:
-      recorded_hw = {k: v for part in gathered for k, v in part[3][0].items()}
-      objects = {k: v for part in gathered for k, v in part[3][1].items()}
-      ground_truth = ground_truth_from_examples(recorded_hw, objects, category_ids, class_names)
-    scored = score(results, image_ids, ground_truth, category_ids, class_names)
+      ground_truth = ground_truth_from_examples(*RecordingSource.from_rows(*recorded),
+                                                category_ids, class_names)
+    scored = score(predictions, image_ids, ground_truth, category_ids, class_names)
   # Every process gets the metrics: callers decide on them together (e.g. the best checkpoint).
-  metrics = _gather_to_all(None if scored is None else scored["metrics"])[0]
+  metrics = _share_from_main(None if scored is None else scored["metrics"])
   if scored is None:
-    return EvalResult(metrics=metrics, per_class_ap={}, pr_recall=np.linspace(0, 1, 101),
-                      pr_precision=np.zeros((0, 101)), confusion_matrix=np.zeros((0, 0), np.int64),
-                      **common)
-  return EvalResult(**scored, **common)
+    return EvalResult(metrics=metrics, predictions=Predictions.empty(), per_class_ap={},
+                      pr_recall=np.linspace(0, 1, 101), pr_precision=np.zeros((0, 101)),
+                      confusion_matrix=np.zeros((0, 0), np.int64), **common)
+  return EvalResult(predictions=predictions, **scored, **common)
 
 
-def detections_to_results(detections, batch, category_ids):
-  """(COCO results in original pixels, image ids, NMS candidates dropped) of one evaluation batch:
-  ``detections`` (``nms.Detections`` as numpy, letterboxed pixels) for ``batch`` (as
+def detections_to_predictions(detections, batch):
+  """(``Predictions`` in original pixels, image ids, NMS candidates dropped) of one evaluation
+  batch: ``detections`` (``nms.Detections`` as numpy, letterboxed pixels) for ``batch`` (as
   ``eval_batches.batches`` gives it; padding rows are skipped)."""
-  results, image_ids = [], []
+  parts, image_ids = [], []
   valid = batch["example_valid"]
   for i in np.flatnonzero(valid):
     count = int(detections.count[i])
     boxes = coco_metrics.boxes_to_original(detections.boxes_xyxy_px[i, :count], batch["ratio"][i],
                                            batch["pad_xy"][i], batch["original_hw"][i])
-    results.extend(coco_metrics.to_coco_results(boxes, detections.scores[i], detections.classes[i],
-                                                count, batch["image_id"][i], category_ids))
+    parts.append(Predictions.of_image(int(batch["image_id"][i]), boxes, detections.scores[i, :count],
+                                      detections.classes[i, :count]))
     image_ids.append(int(batch["image_id"][i]))
-  return results, image_ids, int(np.asarray(detections.candidates_dropped)[valid].sum())
+  return (Predictions.concatenate(parts), image_ids,
+          int(np.asarray(detections.candidates_dropped)[valid].sum()))
 
 
-def score(results, image_ids, ground_truth, category_ids, class_names):
-  """The EvalResult fields computed from the results: metrics (pycocotools over ``image_ids``),
-  per_class_ap, pr_recall, pr_precision and confusion_matrix."""
+def score(predictions, image_ids, ground_truth, category_ids, class_names):
+  """The EvalResult fields computed from ``predictions``: metrics (pycocotools over
+  ``image_ids``), per_class_ap, pr_recall, pr_precision and confusion_matrix."""
   coco = coco_metrics.load_ground_truth(ground_truth)
   unknown = sorted(set(image_ids) - set(coco.getImgIds()))
   if unknown:
     raise ValueError(f"{len(unknown)} evaluated image ids are not in the ground truth's images "
                      f"(e.g. {unknown[:5]}): the annotations do not belong to this split")
-  evaluation, table = coco_metrics.coco_evaluation(coco, results, image_ids)
+  evaluation, table = coco_metrics.coco_evaluation(coco, predictions.to_coco(category_ids),
+                                                   image_ids)
   stats = np.zeros(len(coco_metrics.STAT_NAMES)) if evaluation is None else evaluation.stats
   per_class_ap, precision_at_50 = _per_class(evaluation, category_ids, class_names)
   return dict(metrics={**dict(zip(coco_metrics.STAT_NAMES, map(float, stats))), "table": table},
               per_class_ap=per_class_ap, pr_recall=np.linspace(0, 1, 101),
               pr_precision=precision_at_50,
-              confusion_matrix=confusion_matrix(coco, results, image_ids, category_ids))
+              confusion_matrix=confusion_matrix(coco, predictions, image_ids, category_ids))
