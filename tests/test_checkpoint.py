@@ -161,7 +161,13 @@ def _gelan_t_state(mesh):
 def test_a_checkpoint_holds_named_trees_that_plain_orbax_reads(tmp_path, shard_state):
   mesh = sharding.make_mesh()
   variables, tx, host = _gelan_t_state(mesh)
-  state = sharding.put_state(host, mesh, shard_state)
+  split = train_state.parameter_shaped(host, tx) if shard_state else None
+  state = sharding.put_state(host, mesh, split)
+  if shard_state:  # the weights, their EMA, the gradient sum and the momentum; nothing else
+    split_leaves = [leaf for leaf, is_split in zip(jax.tree.leaves(host), jax.tree.leaves(split))
+                    if is_split]
+    assert len(split_leaves) == 4 and all(leaf.shape == host.params.shape for leaf in split_leaves)
+    assert state.grad_sum.sharding.spec == jax.sharding.PartitionSpec(sharding.DATA_AXIS)
   form = train_state.CheckpointForm(tx)
   checkpoints = checkpoint.Checkpoints(tmp_path, form=form)
   checkpoints.save(state, {"note": 1}, wait=True)
@@ -181,7 +187,7 @@ def test_a_checkpoint_holds_named_trees_that_plain_orbax_reads(tmp_path, shard_s
 
   # A new process's manager restores it into the fresh state's layout and shardings exactly.
   fresh = sharding.put_state(jax.device_get(train_state.create(
-      variables, host.layout, tx, accumulate=True)), mesh, shard_state)
+      variables, host.layout, tx, accumulate=True)), mesh, split)
   checkpoints = checkpoint.Checkpoints(tmp_path, form=form)
   restored, meta = checkpoints.restore_latest(fresh)
   assert meta == {"note": 1}

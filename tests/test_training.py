@@ -172,7 +172,7 @@ def test_a_step_sharded_over_8_devices_equals_the_single_device_step(gelan_t_20_
       # only adds its gradients to the sum (7 since the last update), the second updates with
       # the sum of both.
       state = training.host_state.replace(iteration=np.int32(100), last_update_iteration=np.int32(93))
-      state = sharding.put_state(state, mesh, sharded)
+      state = sharding.put_state(state, mesh, training.split)
       if sharded:
         padded_size = training.host_state.layout.padded_size
         assert state.params.sharding.shard_shape(state.params.shape)[0] == padded_size // 8

@@ -1,6 +1,6 @@
 """Where arrays live: one mesh over every device of every host, the batch split along "data",
 the train state replicated, or with ``shard_state`` (FSDP / ZeRO-3) its flat parameter-sized
-vectors (weights, EMA, momentum, gradient sum) split along "data" too: each device then holds
+vectors (weights, EMA, momentum, gradient sum: the train state names them) split along "data" too: each device then holds
 1/N of them and XLA gathers the weights for the forward pass and reduce-scatters the gradients.
 Decided here and nowhere else; the model knows nothing of devices."""
 import jax
@@ -35,20 +35,21 @@ def check_batch_size(global_batch_size, num_devices, name="train.batch_size"):
                      f"use a multiple of {num_devices}")
 
 
-def state_shardings(state, mesh, shard_state=False):
-  """Replicated, except (with ``shard_state``) the state's flat vectors of the padded parameter
-  length, split along the data axis."""
-  def sharding(leaf):
-    if shard_state and np.ndim(leaf) == 1 and np.size(leaf) == state.layout.padded_size:
-      return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    return replicated(mesh)
-  return jax.tree.map(sharding, state)
+def state_shardings(state, mesh, split=None):
+  """Replicated, except the leaves marked True in ``split`` (a tree of bools like ``state``; with
+  ``shard_state`` it is ``training.state.parameter_shaped``), which are split along the data
+  axis."""
+  if split is None:
+    return jax.tree.map(lambda _: replicated(mesh), state)
+  return jax.tree.map(lambda _, is_split: NamedSharding(mesh, PartitionSpec(DATA_AXIS)) if is_split
+                      else replicated(mesh), state, split)
 
 
-def jit_train_step(step_fn, state, mesh, shard_state=False):
-  """``step_fn`` jitted once: state donated, batch split over the data axis, so BatchNorm
-  statistics and the loss normalisation are over the global batch."""
-  shardings = state_shardings(state, mesh, shard_state)
+def jit_train_step(step_fn, state, mesh, split=None):
+  """``step_fn`` jitted once: state donated (its leaves marked in ``split`` split over the data
+  axis), batch split over the data axis, so BatchNorm statistics and the loss normalisation are
+  over the global batch."""
+  shardings = state_shardings(state, mesh, split)
   return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)),
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
@@ -63,10 +64,10 @@ def to_host(tree):
   return jax.tree.map(get, tree)
 
 
-def put_state(state, mesh, shard_state=False):
+def put_state(state, mesh, split=None):
   """A host state -> global arrays with ``state_shardings`` (every process passes the same
   values)."""
   def put(x, sharding):
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-  return jax.tree.map(put, state, state_shardings(state, mesh, shard_state))
+  return jax.tree.map(put, state, state_shardings(state, mesh, split))

@@ -59,7 +59,7 @@ def compile_train_step(topology_name, model_name, batch_size, image_size, dtype=
   training = program.build(config, variables, mesh, num_classes=num_classes,
                            steps_per_epoch=coco.TRAIN_IMAGES // batch_size)
   state = training.host_state
-  abstract_state = abstract_on(state, sharding.state_shardings(state, mesh, shard_state))
+  abstract_state = abstract_on(state, sharding.state_shardings(state, mesh, training.split))
   batch_sharding = sharding.batch_sharding(mesh)
   abstract_batch = {
       "images": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8,

@@ -18,7 +18,8 @@ class Program:
   tx: Any                    # the optax optimizer of the recipe
   host_state: train_state.TrainState  # the initial state, NumPy arrays on the host
   step: Callable             # jitted (state, batch) -> (state, metrics), state donated
-  shard_state: bool          # FSDP: the state's flat vectors split over the mesh
+  shard_state: bool          # FSDP: the state's flat parameter vectors split over the mesh
+  split: Any                 # with shard_state: which leaves of the state are split (else None)
   traces: list               # one entry per trace of the step, i.e. per compilation
 
   @property
@@ -28,7 +29,7 @@ class Program:
 
   def state_on(self, mesh):
     """The initial state as global arrays on ``mesh`` (every process passes the same values)."""
-    return sharding.put_state(self.host_state, mesh, self.shard_state)
+    return sharding.put_state(self.host_state, mesh, self.split)
 
 
 def build(config, variables, mesh, *, num_classes, steps_per_epoch) -> Program:
@@ -53,5 +54,6 @@ def build(config, variables, mesh, *, num_classes, steps_per_epoch) -> Program:
     traces.append(None)  # Python runs this body only while jax traces the step
     return step(state, batch)
 
-  jitted = sharding.jit_train_step(train_step, host_state, mesh, shard_state)
-  return Program(model, tx, host_state, jitted, shard_state, traces)
+  split = train_state.parameter_shaped(host_state, tx) if shard_state else None
+  jitted = sharding.jit_train_step(train_step, host_state, mesh, split)
+  return Program(model, tx, host_state, jitted, shard_state, split, traces)

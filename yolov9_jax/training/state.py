@@ -90,6 +90,16 @@ def create(variables, layout, tx, accumulate):
       kernel_mask=kernel_mask, layout=layout)
 
 
+def parameter_shaped(state, tx):
+  """A tree of bools like ``state``: True at its flat parameter-length vectors (the weights, their
+  EMA, the gradient sum and the optimizer's per-parameter state, the momentum, as ``tx`` says),
+  which ``shard_state`` splits over the devices; False elsewhere."""
+  marks = jax.tree.map(lambda _: False, state)
+  vectors = {name: jax.tree.map(lambda _: True, getattr(state, name)) for name in _PARAMETER_VECTORS}
+  return marks.replace(**vectors, opt_state=optax.tree_map_params(
+      tx, lambda _: True, state.opt_state, transform_non_params=lambda _: False))
+
+
 def _is_class_head_leaf(path):
   """A leaf of a head's class branch: its last conv has one channel per class, and its width is
   max(channels, min(2 * classes, 128)) (``heads.head_widths``, FACTS.md §1.4), so small models'
@@ -142,6 +152,7 @@ class CheckpointForm:
   def __init__(self, tx):
     self.tx = tx
     self._to_tree = jax.jit(self._unravel)
+    self._from_tree = {}
 
   def _unravel(self, state):
     layout = state.layout
@@ -172,22 +183,25 @@ class CheckpointForm:
 
   def from_tree(self, tree, template):
     """The TrainState of checkpoint ``tree``, with ``template``'s layout, masks and shardings."""
-    slots = optax.tree_map_params(self.tx, lambda _: _ParameterSlot(), template.opt_state)
-
-    def ravel(tree, template):
-      layout = template.layout
-      values = {}
-      for name, value in tree.items():
-        if name in _PARAMETER_VECTORS:
-          value = layout.flatten_params(value)
-        elif name in _STATISTICS_VECTORS:
-          value, _ = ravel_pytree(value)
-        elif name == "opt_state":
-          value = jax.tree.map(
-              lambda slot, sub: layout.flatten_params(sub) if isinstance(slot, _ParameterSlot) else sub,
-              slots, value, is_leaf=lambda x: isinstance(x, _ParameterSlot))
-        values[name] = value
-      return template.replace(**values)
-
     shardings = jax.tree.map(lambda x: x.sharding, template)
-    return jax.jit(ravel, out_shardings=shardings)(tree, template)
+    leaves, structure = jax.tree.flatten(shardings)
+    key = (structure, tuple(leaves))  # one compilation per placement of the state
+    if key not in self._from_tree:
+      self._from_tree[key] = jax.jit(self._ravel, out_shardings=shardings)
+    return self._from_tree[key](tree, template)
+
+  def _ravel(self, tree, template):
+    layout = template.layout
+    slots = optax.tree_map_params(self.tx, lambda _: _ParameterSlot(), template.opt_state)
+    values = {}
+    for name, value in tree.items():
+      if name in _PARAMETER_VECTORS:
+        value = layout.flatten_params(value)
+      elif name in _STATISTICS_VECTORS:
+        value, _ = ravel_pytree(value)
+      elif name == "opt_state":
+        value = jax.tree.map(
+            lambda slot, sub: layout.flatten_params(sub) if isinstance(slot, _ParameterSlot) else sub,
+            slots, value, is_leaf=lambda x: isinstance(x, _ParameterSlot))
+      values[name] = value
+    return template.replace(**values)
