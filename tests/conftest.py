@@ -48,3 +48,41 @@ def gelan_t_20_classes():
   key = jax.random.key(0, impl="unsafe_rbg")
   variables = jax.jit(lambda: model.init(key, jnp.zeros((1, 64, 64, 3)), train=False))()
   return model, variables
+
+
+@pytest.fixture
+def one_subprocess_test_at_a_time(tmp_path_factory):
+  """For tests that run the programs in subprocesses (two jax.distributed processes, a run beside
+  a storage emulator, the newcomer's table, the TPU plan, the bench): they take turns across the
+  two pytest workers. Two at once put four compiling processes on two cores, and each ran past its
+  own timeout in CI; with the workers' own memory they also went past this machine's 24 GiB."""
+  import fcntl
+  # Every worker's base temp lies in one run folder (pytest-N/popen-gwK): the lock is there.
+  lock_path = tmp_path_factory.getbasetemp().parent / "subprocess_tests.lock"
+  with open(lock_path, "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+  """After each test file, the compiled programs it left in JAX's and our caches are dropped: a
+  worker runs many files, and their executables (the train steps, the detectors) would otherwise
+  add up to more than half of this machine's 24 GiB alongside the multi-process tests."""
+  yield
+  import ctypes
+  import gc
+
+  from yolov9_jax.evaluation import evaluator
+  evaluator.detector.cache_clear()
+  jax.clear_caches()
+  gc.collect()
+  # Freed memory goes back to the system only when glibc trims its heap; without this a worker's
+  # resident size stays near its largest file's peak (11 GB while it ran test_checkpoint.py).
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc
+    pass

@@ -26,6 +26,13 @@ def _official_test_variables(spec_dir, name):
   return interop.from_torch_state_dict(name, testweights.state_dict(manifest, seed=0))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _drop_the_ten_models_weights():
+  """The cache above holds every model's weights (about 1 GB): gone with this file."""
+  yield
+  _official_test_variables.cache_clear()
+
+
 def _forward_eval_and_train(name, variables, images, dtype):
   """Eval outputs with every layer's output, and train-mode raw maps, in one compiled call."""
   model = models.build(name, dtype=dtype)

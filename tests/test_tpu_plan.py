@@ -40,7 +40,8 @@ def _plan(libtpu_path, *flags):
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_the_train_step_compiles_for_a_tpu_slice_and_fsdp_cuts_the_state_per_chip(libtpu_path):
+def test_the_train_step_compiles_for_a_tpu_slice_and_fsdp_cuts_the_state_per_chip(
+    libtpu_path, one_subprocess_test_at_a_time):
   replicated, sharded = _plan(libtpu_path), _plan(libtpu_path, "--shard_state")
   for record in (replicated, sharded):
     assert record["chips"] == 4 and record["images_per_chip"] == 2

@@ -138,8 +138,8 @@ def test_repeated_nonfinite_steps_stop_the_run_with_the_checkpoint_intact(straig
   config.train.max_consecutive_nonfinite = 2
   jit_train_step = train.sharding.jit_train_step
 
-  def diverging_after_step_4(step_fn, state, mesh, shard_state=False):
-    compiled = jit_train_step(step_fn, state, mesh, shard_state)
+  def diverging_after_step_4(step_fn, state, mesh, split=None):
+    compiled = jit_train_step(step_fn, state, mesh, split)
 
     def step(state, batch):  # the device reports non-finite steps from iteration 5 on
       iteration = int(state.iteration)
@@ -278,7 +278,7 @@ print("finished")
 
 
 def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout_and_both_resume(
-    straight_run, tmp_path):
+    straight_run, tmp_path, one_subprocess_test_at_a_time):
   config, _, _, _ = straight_run
   workdir, heartbeat = tmp_path / "run", 10
   processes = _start_two_processes(_KILLABLE, config, workdir, heartbeat=heartbeat)
@@ -310,7 +310,8 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout_and_both_
     assert f"resumed from {workdir} at step {last}" in output and "finished" in output, output[-3000:]
 
 
-def test_two_processes_with_sharded_state_evaluate_save_resume_and_export(straight_run, tmp_path):
+def test_two_processes_with_sharded_state_evaluate_save_resume_and_export(straight_run, tmp_path,
+                                                                           one_subprocess_test_at_a_time):
   """train.shard_state across processes: no process holds the whole EMA; the evaluation gathers
   it, the checkpoints (last and best) are written by both, resumed by both, and read back whole
   by one process for export."""
