@@ -158,6 +158,7 @@ def train(config, workdir):
       if previous is not None and int(previous["consecutive_nonfinite"]) >= config.train.max_consecutive_nonfinite:
         checkpoints.wait()
         writer.close()
+        train_data.close()
         sys.exit(f"stopping: {config.train.max_consecutive_nonfinite} consecutive steps had a "
                  f"non-finite loss or gradient (step {step}); the data or the settings are broken. "
                  f"The last good checkpoint in {workdir / checkpoint.LAST} is intact.")
@@ -178,6 +179,7 @@ def train(config, workdir):
         checkpoints.save(state, meta(), wait=True)
         checkpoints.close()
         writer.close()
+        train_data.close()
         preemption.restore_handler()
         print(f"preempted: saved step {step} in {workdir / checkpoint.LAST}")
         return state, None
@@ -186,6 +188,7 @@ def train(config, workdir):
       run_evaluation(step)
       interval_start = time.perf_counter()
 
+  train_data.close()  # stops the worker processes before the evaluation needs the cores
   checkpoints.save(state, meta(), wait=True)
   result = run_evaluation(step)
   checkpoints.wait()

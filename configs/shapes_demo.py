@@ -22,7 +22,7 @@ def get_config():
   config.data.source = "shapes"
   config.data.shapes.update(num_train=512, num_val=128, image_hw=(128, 128))
   config.augment.update(image_size=128, max_boxes=32, mosaic=0.0, mixup=0.0, scale=0.5,
-                        close_mosaic_epochs=0, mosaic_partner_window=256, workers=2)
+                        close_mosaic_epochs=0)
   config.train.update(batch_size=8, epochs=17, log_every_steps=16, checkpoint_every_steps=256)
   config.optimizer.update(lr0=0.02, nominal_batch_size=8, warmup_min_iterations=0)
   config.eval.update(every_epochs=100, batch_size=32)  # once, at the end

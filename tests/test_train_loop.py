@@ -31,7 +31,7 @@ def _tiny_config(data_dir):
   config = shapes_demo.get_config()
   config.data.data_dir = str(data_dir)
   config.data.shapes.update(num_train=32, num_val=8, image_hw=(64, 64))
-  config.augment.update(image_size=64, max_boxes=16, close_mosaic_epochs=1, mosaic_partner_window=16)
+  config.augment.update(image_size=64, max_boxes=16, close_mosaic_epochs=1, workers=0)
   config.train.update(batch_size=8, epochs=3, log_every_steps=2, checkpoint_every_steps=4)
   config.optimizer.update(nominal_batch_size=8)
   config.eval.update(batch_size=8, num_images_logged=2)

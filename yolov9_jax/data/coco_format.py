@@ -137,7 +137,9 @@ def prepare_splits(splits, data_dir, name, version="1.0.0"):
       data_dir=str(data_dir), file_format="array_record", disable_shuffling=True)
   (paths.user_path(builder.data_dir) / CATEGORIES_FILE).write_text(json.dumps(
       [{"label": label, "id": c["id"], "name": c["name"]} for label, c in enumerate(categories)]))
-  return builder, reports
+  # Read back from its folder, as every later run opens it: a data source of the builder that
+  # wrote it does not pickle, and Grain's worker processes need to receive it.
+  return tfds.builder_from_directory(builder.data_dir), reports
 
 
 def category_ids(builder):

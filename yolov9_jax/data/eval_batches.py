@@ -18,6 +18,7 @@ same sequence of input shapes.
 import dataclasses
 
 import cv2
+import grain
 import numpy as np
 
 from yolov9_jax.data import transforms
@@ -105,15 +106,20 @@ def example_image_id(example):
   return int(example["image_id"] if "image_id" in example else example["image/id"])
 
 
-def batches(source, plan, process_index=0, process_count=1):
+def batches(source, plan, process_index=0, process_count=1, read_ahead=2):
   """This process's rows of every global batch of ``plan``: "images" (b, H, W, 3) uint8 with
   (H, W) the batch's shape, "image_id" (b,), "original_hw" (b, 2), "ratio" (b,), "pad_xy" (b, 2)
-  and "example_valid" (b,) bool (False on padding rows, past the end of the dataset)."""
+  and "example_valid" (b,) bool (False on padding rows, past the end of the dataset).
+
+  An iterator over Grain's map of ``plan``'s batches, ``read_ahead`` of them built ahead in
+  threads while the caller runs the model (decoding and OpenCV release the GIL)."""
   if plan.batch_size % process_count:
     raise ValueError(f"evaluation batch size {plan.batch_size} is not divisible by the "
                      f"{process_count} processes")
   rows = plan.batch_size // process_count
-  for indices, (height, width) in zip(plan.indices, plan.shapes_hw):
+
+  def batch(k):
+    (height, width), indices = plan.shapes_hw[k], plan.indices[k]
     mine = indices[process_index * rows:(process_index + 1) * rows]
     out = {"images": np.full((rows, height, width, 3), transforms.FILL_VALUE, np.uint8),
            "image_id": np.zeros(rows, np.int64), "original_hw": np.zeros((rows, 2), np.int32),
@@ -127,4 +133,7 @@ def batches(source, plan, process_index=0, process_count=1):
       out["image_id"][i] = example_image_id(example)
       out["original_hw"][i] = image.shape[:2]
       out["example_valid"][i] = True
-    yield out
+    return out
+
+  read = grain.ReadOptions(num_threads=read_ahead, prefetch_buffer_size=read_ahead)
+  return iter(grain.MapDataset.range(len(plan)).map(batch).to_iter_dataset(read))

@@ -1,27 +1,48 @@
-"""Training and evaluation batches from a random-access source (a TFDS ArrayRecord data source).
+"""Training batches on Grain: worker processes build blocks of batches from a random-access source.
 
-The training batch at step N is a pure function of (seed, N): the epoch permutation, the mosaic
-partners and every augmentation parameter come from stateless generators keyed by (seed, step,
-slot). A resumed run asks for step N directly; nothing is replayed. Each process builds only its
-own slots of the global batch (processes get disjoint slices of every epoch's permutation), and
-``to_global_array`` assembles the per-process parts into one ``jax.Array`` on the mesh.
+The training batch at step N is a pure function of (seed, N). Grain gives the order: each epoch
+is a Grain shuffle (``MapDataset.range(n).shuffle(seed).repeat()``, a new permutation per epoch,
+any position computable directly) and each process reads its own slice of that stream
+(``[process_index::process_count]``: the processes' samples are disjoint and together cover each
+epoch). Mosaic partners and every augmentation parameter come from stateless generators keyed by
+(seed, step, slot). A resumed run asks for step N directly; nothing is replayed, so Grain's
+iterator state need not be saved with the checkpoint. ``to_global_array`` assembles the
+per-process batches into one ``jax.Array`` on the mesh.
+
+Grain runs the work: ``TrainPipeline.__call__`` maps the block builder over block numbers and
+``mp_prefetch`` hands whole blocks to ``config.workers`` worker processes (no GIL between them;
+results come back in order, so the worker count never changes a batch). A block is
+``batches_per_block`` consecutive batches: its images are decoded once in the worker that builds
+it, and mosaic/mixup partners are drawn from them (see ``TrainPipeline``).
 
 A source example is a dict with "image" (H, W, 3) uint8, "image_id" (or TFDS coco/2017's
 "image/id") and "objects": {"bbox" (N, 4) ymin, xmin, ymax, xmax normalised, "label" (N,),
 "is_crowd" (N,)}, as ``coco_format.prepare`` writes it and TFDS's ``coco/2017`` has it (prepared
 with ``--file_format=array_record`` for random access).
 """
-import concurrent.futures
 import dataclasses
 import logging
+import os
 
+from absl import flags
+import cv2
+import grain
 import jax
 import ml_collections
-import cv2
 import numpy as np
 
 from yolov9_jax import sharding
 from yolov9_jax.data import transforms
+
+# Block numbers run to here: a training stream has no end of its own (train.py stops it).
+_BLOCKS_WITHOUT_END = 2**62
+
+
+def default_workers():
+  """Worker processes for a host: its cores less one for the training loop, at most 32 (a
+  worker holds its own copy of the libraries, ~0.3 GB; 32 cores make ~2,000 mosaic images/s)."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return int(min(max((cores or 1) - 1, 1), 32))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -36,11 +57,13 @@ def default_config() -> ml_collections.ConfigDict:
       hsv=(0.015, 0.7, 0.4),  # hue, saturation, value gains: 1 + U(-1, 1) * these
       fliplr=0.5,
       close_mosaic_epochs=15,  # the last N epochs train without mosaic and mixup
-      cache_images=False,   # keep every decoded, resized image in RAM (the official --cache ram)
-      mosaic_partner_window=1024,  # mosaic/mixup partners from this process's last N images, kept
-                                   # decoded (~1 GB at 640); 0: from anywhere (official, 4x decodes)
-      workers=4,            # threads building samples (OpenCV and decoding release the GIL)
-      prefetch_batches=2,
+      cache_images=False,   # keep every decoded, resized image in RAM (the official --cache ram);
+                            # each worker process keeps its own copy
+      workers=default_workers(),  # Grain worker processes building batches; 0: in this process
+      batches_per_block=4,  # K: a worker builds K consecutive batches at once (one task)
+      mosaic_partners_from_block=True,  # partners from the block's own images (one decode per
+                                        # image); False: from anywhere (official, ~4 decodes)
+      prefetch_blocks=1,    # blocks each worker keeps ready
       seed=0,
   ))
 
@@ -50,6 +73,9 @@ class PipelineCounters:
   """What the pipeline had to work around, for the training log."""
   samples_unreadable: int = 0  # replaced by the next example of the permutation
   boxes_over_max: int = 0       # boxes beyond max_boxes after augmentation (not trained on)
+
+
+COUNTER_KEYS = tuple(field.name for field in dataclasses.fields(PipelineCounters))
 
 
 def _boxes_px(example):
@@ -69,115 +95,123 @@ def _moved_boxes(boxes, labels, matrix, scale, size):
   return moved[keep], labels[keep]
 
 
-class TrainPipeline:
-  """Training batches of this process: ``batch(step)`` or iterate from ``start_step``.
+class _Decoded:
+  """Images decoded for one block (or kept for the run with ``cache_images``): dataset index ->
+  (image with long side = image_size, boxes x1, y1, x2, y2 pixels, labels)."""
 
-  A batch: "images" (b, S, S, 3) uint8 (normalise on the device), "boxes" (b, M, 4) x1, y1, x2, y2
-  pixels, "classes" (b, M) int32, "valid" (b, M) bool, with b = global_batch_size / processes.
+  def __init__(self, builder):
+    self.builder = builder
+    self.images = builder.image_cache if builder.config.cache_images else {}
+    self.decodes = 0      # what the block cost in reads of the source
+    self.unreadable = 0
 
-  Mosaic and mixup partners: the official code draws them from the whole dataset, so each
-  training image costs four or five decodes. With ``mosaic_partner_window`` = W > 0 they are drawn
-  from the W most recent images of this process's sample stream (the current batch included),
-  which are kept decoded: about one decode per training image. The stream is a random
-  permutation, so a partner is still a uniformly random image of the dataset; W = 0 restores the
-  official draw. Which partner a sample gets depends only on (seed, step), never on what happens
-  to be decoded, so a resumed run gets the same batches; it decodes the window once on the way
-  (at most W extra decodes).
-  """
-
-  def __init__(self, source, config, global_batch_size, steps_per_epoch=None, total_epochs=None,
-               process_index=None, process_count=None):
-    self.source, self.config = source, config
-    self.process_index = jax.process_index() if process_index is None else process_index
-    self.process_count = jax.process_count() if process_count is None else process_count
-    if global_batch_size % self.process_count:
-      raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
-                       f"{self.process_count} processes")
-    if len(source) == 0:
-      raise ValueError("the training source has no examples")
-    self.global_batch_size = global_batch_size
-    self.local_batch_size = global_batch_size // self.process_count
-    self.steps_per_epoch = steps_per_epoch or max(len(source) // global_batch_size, 1)
-    self.total_epochs = total_epochs
-    self.counters = PipelineCounters()
-    self._permutations = {}
-    self._image_cache = {}  # dataset index -> (image, boxes, labels), long side = image_size
-    # OpenCV would start its own threads inside each worker; the workers are the parallelism.
-    cv2.setNumThreads(1)
-    self._executor = concurrent.futures.ThreadPoolExecutor(config.workers)
-
-  def close(self):
-    self._executor.shutdown(wait=False, cancel_futures=True)
-
-  def _permutation(self, epoch):
-    if epoch not in self._permutations:
-      self._permutations = {epoch: np.random.default_rng([self.config.seed, epoch]).permutation(
-          len(self.source))}
-    return self._permutations[epoch]
-
-  def _index_at(self, local_position):
-    """The dataset index at this process's ``local_position``-th sample (step * b + slot), which
-    is global position step * G + process_index * b + slot of the epoch permutations."""
-    step, slot = divmod(int(local_position), self.local_batch_size)
-    position = step * self.global_batch_size + self.process_index * self.local_batch_size + slot
-    epoch, offset = divmod(position, len(self.source))
-    return int(self._permutation(epoch)[offset])
-
-  def sample_indices(self, step):
-    """Dataset indices of this process's slots at ``step`` (global position step * G + slot)."""
-    first = step * self.local_batch_size
-    return np.array([self._index_at(q) for q in range(first, first + self.local_batch_size)])
-
-  def _window(self, step):
-    """This process's stream positions [first, last) that mosaic partners of ``step`` come from."""
-    last = (step + 1) * self.local_batch_size
-    return max(0, last - self.config.mosaic_partner_window), last
-
-  def _partner(self, rng, step):
-    window = self.config.mosaic_partner_window
-    if window <= 0:
-      return int(rng.integers(0, len(self.source)))
-    return self._index_at(rng.integers(*self._window(step)))
-
-  def _load(self, index):
-    """Image (long side = image_size) and boxes of ``index``; an unreadable example is replaced
-    by the next one (deterministically) and counted."""
-    loaded = self._image_cache.get(index)
+  def __call__(self, index):
+    loaded = self.images.get(index)
     if loaded is None:
-      loaded = self._decode_and_resize(index)
-      if self.config.cache_images or self.config.mosaic_partner_window > 0:
-        self._image_cache[index] = loaded
+      loaded = self.images[index] = self._decode_and_resize(index)
     return loaded
 
-  def _evict(self, step):
-    """Keeps what the next step can use: everything with ``cache_images``, else the window."""
-    if self.config.cache_images:
-      return
-    first, last = self._window(step + 1)
-    keep = {self._index_at(q) for q in range(first, last - self.local_batch_size)}
-    for index in list(self._image_cache):
-      if index not in keep:
-        del self._image_cache[index]
-
   def _decode_and_resize(self, index):
-    for offset in range(len(self.source)):
+    """An unreadable example is replaced by the next one (deterministically) and counted."""
+    source = self.builder.source
+    for offset in range(len(source)):
+      self.decodes += 1
       try:
-        example = self.source[(index + offset) % len(self.source)]
+        example = source[(index + offset) % len(source)]
         boxes, labels = _boxes_px(example)
         image, boxes = transforms.resize_long_side(np.asarray(example["image"]), boxes,
-                                                   self.config.image_size)
+                                                   self.builder.config.image_size)
         return image, boxes, labels
       except Exception as error:  # noqa: BLE001  any bad record: skip it, count it, go on
         logging.warning("example %d is unreadable (%s); using the next one", index + offset, error)
-        self.counters.samples_unreadable += 1
+        self.unreadable += 1
     raise RuntimeError("no readable example in the source")
 
-  def _mosaic(self, rng, step, index):
+
+class _BlockBuilder:
+  """Builds batches and blocks of batches: what Grain sends to each worker process (so it holds
+  only the source, the settings and the sample order, all picklable)."""
+
+  def __init__(self, source, config, global_batch_size, steps_per_epoch, total_epochs,
+               process_index, process_count):
+    self.source, self.config = source, config
+    self.process_index, self.process_count = process_index, process_count
+    self.global_batch_size = global_batch_size
+    self.local_batch_size = global_batch_size // process_count
+    self.steps_per_epoch, self.total_epochs = steps_per_epoch, total_epochs
+    # Position q of this process's stream is position q * process_count + process_index of the
+    # global one: the global batch at step N is positions [N G, (N + 1) G) of the epoch shuffles.
+    self.stream = (grain.MapDataset.range(len(source)).shuffle(seed=config.seed).repeat()
+                   [process_index::process_count])
+    self.image_cache = {}
+
+  def sample_indices(self, step):
+    first = step * self.local_batch_size
+    return np.array([self.stream[q] for q in range(first, first + self.local_batch_size)])
+
+  def block_steps(self, block):
+    count = self.config.batches_per_block
+    return range(block * count, (block + 1) * count)
+
+  def block(self, block):
+    """Batches ``block_steps(block)`` stacked: every array (K, b, ...), and per batch the counters
+    (K,) of what it had to work around."""
+    steps = self.block_steps(block)
+    decoded = _Decoded(self)
+    indices = {step: self.sample_indices(step) for step in steps}
+    partner_pool = np.concatenate(list(indices.values()))
+    batches = [self.batch(step, indices[step], partner_pool, decoded) for step in steps]
+    return {key: np.stack([batch[key] for batch in batches]) for key in batches[0]}
+
+  def batch(self, step, indices=None, partner_pool=None, decoded=None):
+    """The batch at ``step`` with its counters ("samples_unreadable", "boxes_over_max" ())."""
+    cfg = self.config
+    indices = self.sample_indices(step) if indices is None else indices
+    if partner_pool is None:
+      block = step // cfg.batches_per_block
+      partner_pool = np.concatenate([self.sample_indices(s) for s in self.block_steps(block)])
+    decoded = _Decoded(self) if decoded is None else decoded
+    unreadable_before = decoded.unreadable
+    epoch = step // self.steps_per_epoch
+    use_mosaic = self.total_epochs is None or epoch < self.total_epochs - cfg.close_mosaic_epochs
+    samples = [_Sample(self, decoded, partner_pool, step, slot).build(index, use_mosaic)
+               for slot, index in enumerate(indices)]
+    size, max_boxes = cfg.image_size, cfg.max_boxes
+    out = {"images": np.stack([image for image, _, _ in samples]),
+           "boxes": np.zeros((len(samples), max_boxes, 4), np.float32),
+           "classes": np.zeros((len(samples), max_boxes), np.int32),
+           "valid": np.zeros((len(samples), max_boxes), bool)}
+    assert out["images"].shape[1:] == (size, size, 3)
+    boxes_over_max = 0
+    for i, (_, boxes, labels) in enumerate(samples):
+      n = min(len(boxes), max_boxes)
+      boxes_over_max += len(boxes) - n
+      out["boxes"][i, :n], out["classes"][i, :n], out["valid"][i, :n] = boxes[:n], labels[:n], True
+    out["samples_unreadable"] = np.int64(decoded.unreadable - unreadable_before)
+    out["boxes_over_max"] = np.int64(boxes_over_max)
+    return out
+
+
+class _Sample:
+  """One training image: its random draws come from the key (seed, step, global slot) alone."""
+
+  def __init__(self, builder, decoded, partner_pool, step, slot):
+    self.config, self.decoded, self.partner_pool = builder.config, decoded, partner_pool
+    self.source_size = len(builder.source)
+    self.rng = np.random.default_rng(
+        [builder.config.seed, step, builder.process_index * builder.local_batch_size + slot])
+
+  def _partner(self):
+    if self.config.mosaic_partners_from_block:
+      return int(self.partner_pool[self.rng.integers(len(self.partner_pool))])
+    return int(self.rng.integers(0, self.source_size))
+
+  def _mosaic(self, index):
     """FACTS.md §7.2: four images on the 2S canvas, then the random scale/translate warp to S."""
-    cfg, size = self.config, self.config.image_size
-    indices = [index] + [self._partner(rng, step) for _ in range(3)]
+    cfg, rng, size = self.config, self.rng, self.config.image_size
+    indices = [index] + [self._partner() for _ in range(3)]
     rng.shuffle(indices)
-    loaded = [self._load(i) for i in indices]
+    loaded = [self.decoded(i) for i in indices]
     centre = rng.uniform(size / 2, size * 3 / 2, 2).astype(np.int32)
     scale = rng.uniform(1 - cfg.scale, 1 + cfg.scale)
     translate = rng.uniform(-cfg.translate, cfg.translate, 2)
@@ -188,10 +222,10 @@ class TrainPipeline:
     return (transforms.warp_affine(canvas, matrix, (size, size)),
             *_moved_boxes(boxes, labels, matrix, scale, size))
 
-  def _letterbox_affine(self, rng, index):
+  def _letterbox_affine(self, index):
     """FACTS.md §7.3, the close-mosaic epochs: letterbox, then the same random warp."""
-    cfg, size = self.config, self.config.image_size
-    image, boxes, labels = self._load(index)
+    cfg, rng, size = self.config, self.rng, self.config.image_size
+    image, boxes, labels = self.decoded(index)
     image, boxes, _ = transforms.letterbox(image, boxes, (size, size))
     scale = rng.uniform(1 - cfg.scale, 1 + cfg.scale)
     matrix = transforms.affine_matrix((size, size), (size, size), scale,
@@ -199,60 +233,127 @@ class TrainPipeline:
     return (transforms.warp_affine(image, matrix, (size, size)),
             *_moved_boxes(boxes, labels, matrix, scale, size))
 
-  def _sample(self, step, slot, index, use_mosaic):
-    cfg = self.config
-    rng = np.random.default_rng([cfg.seed, step, self.process_index * self.local_batch_size + slot])
+  def build(self, index, use_mosaic):
+    cfg, rng = self.config, self.rng
     if use_mosaic and rng.uniform() < cfg.mosaic:
-      image, boxes, labels = self._mosaic(rng, step, index)
+      image, boxes, labels = self._mosaic(index)
       if rng.uniform() < cfg.mixup:
-        other_image, other_boxes, other_labels = self._mosaic(rng, step, self._partner(rng, step))
+        other_image, other_boxes, other_labels = self._mosaic(self._partner())
         image = transforms.mixup(image, other_image, rng.beta(32.0, 32.0))
         boxes = np.concatenate([boxes, other_boxes])
         labels = np.concatenate([labels, other_labels])
     else:
-      image, boxes, labels = self._letterbox_affine(rng, index)
+      image, boxes, labels = self._letterbox_affine(index)
     gains = 1 + rng.uniform(-1, 1, 3) * np.asarray(cfg.hsv)
     image = transforms.hsv_jitter(image, gains)
     if rng.uniform() < cfg.fliplr:
       image, boxes = transforms.horizontal_flip(image, boxes)
     return image, boxes, labels
 
+
+def _let_grain_read_its_flags():
+  """Grain reads its settings from absl flags, which only an absl program (train.py) has parsed;
+  elsewhere (a notebook, a test, a spawned worker) their defaults stand."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _init_worker(worker_index, worker_count):
+  del worker_index, worker_count
+  # OpenCV would start its own threads in every worker; the worker processes are the parallelism.
+  cv2.setNumThreads(1)
+  _let_grain_read_its_flags()
+
+
+class TrainPipeline:
+  """Training batches of this process: ``batch(step)`` or iterate from ``start_step``.
+
+  A batch: "images" (b, S, S, 3) uint8 (normalise on the device), "boxes" (b, M, 4) x1, y1, x2, y2
+  pixels, "classes" (b, M) int32, "valid" (b, M) bool, with b = global_batch_size / processes.
+
+  Mosaic and mixup partners: the official code draws them from the whole dataset, so each
+  training image costs four or five decodes. With ``mosaic_partners_from_block`` they are drawn
+  from the images of the same block (K = ``batches_per_block`` consecutive batches of this process,
+  K b images), which its worker has decoded anyway: one decode per training image, with any number
+  of worker processes and no memory shared between them. The sample order is a random
+  permutation, so a partner is still a uniformly random image of the dataset; what changes is
+  that the four images of a mosaic are trained on within K steps of each other. Which partner a
+  sample gets depends only on (seed, step), so a resumed run gets the same batches (it builds the
+  first block's earlier batches once and drops them).
+  """
+
+  def __init__(self, source, config, global_batch_size, steps_per_epoch=None, total_epochs=None,
+               process_index=None, process_count=None):
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+      raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+                       f"{process_count} processes")
+    if len(source) == 0:
+      raise ValueError("the training source has no examples")
+    self.config = config
+    self.builder = _BlockBuilder(source, config, global_batch_size,
+                                 steps_per_epoch or max(len(source) // global_batch_size, 1),
+                                 total_epochs, process_index, process_count)
+    self.steps_per_epoch = self.builder.steps_per_epoch
+    self.local_batch_size = self.builder.local_batch_size
+    self.counters = PipelineCounters()
+    self._iterators = []
+
+  def sample_indices(self, step):
+    """Dataset indices of this process's slots at ``step``."""
+    return self.builder.sample_indices(step)
+
+  def _counted(self, batch):
+    for key in COUNTER_KEYS:
+      setattr(self.counters, key, getattr(self.counters, key) + int(batch.pop(key)))
+    return batch
+
   def batch(self, step):
+    """The batch at ``step``, built here (the same as ``__call__`` gives at that step)."""
+    return self._counted(self.builder.batch(step))
+
+  def blocks(self, first_block=0):
+    """Grain's iterator over blocks from ``first_block`` on, built by the worker processes."""
     cfg = self.config
-    epoch = step // self.steps_per_epoch
-    use_mosaic = self.total_epochs is None or epoch < self.total_epochs - cfg.close_mosaic_epochs
-    indices = self.sample_indices(step)
-    if use_mosaic and cfg.mosaic_partner_window > 0:
-      # This batch's own images join the partner window: decode each once, before any sample
-      # asks for it as a partner.
-      list(self._executor.map(self._load, indices))
-    samples = list(self._executor.map(
-        lambda args: self._sample(step, args[0], args[1], use_mosaic), enumerate(indices)))
-    self._evict(step)
-    size, max_boxes = cfg.image_size, cfg.max_boxes
-    out = {"images": np.stack([image for image, _, _ in samples]),
-           "boxes": np.zeros((len(samples), max_boxes, 4), np.float32),
-           "classes": np.zeros((len(samples), max_boxes), np.int32),
-           "valid": np.zeros((len(samples), max_boxes), bool)}
-    assert out["images"].shape[1:] == (size, size, 3)
-    for i, (_, boxes, labels) in enumerate(samples):
-      n = min(len(boxes), max_boxes)
-      self.counters.boxes_over_max += len(boxes) - n
-      out["boxes"][i, :n], out["classes"][i, :n], out["valid"][i, :n] = boxes[:n], labels[:n], True
-    return out
+    blocks = grain.MapDataset.range(first_block, _BLOCKS_WITHOUT_END).map(self.builder.block)
+    # One block built ahead in a thread, in each worker or here.
+    stream = blocks.to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                      prefetch_buffer_size=cfg.prefetch_blocks))
+    if cfg.workers > 0:
+      _let_grain_read_its_flags()
+      stream = stream.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=cfg.workers,
+                                       per_worker_buffer_size=cfg.prefetch_blocks),
+          worker_init_fn=_init_worker)
+    iterator = iter(stream)
+    self._iterators.append(iterator)
+    return iterator
 
   def __call__(self, start_step=0):
-    """Batches from ``start_step`` on, built ``prefetch_batches`` ahead in the background."""
-    pending = concurrent.futures.ThreadPoolExecutor(1)
-    step = start_step
-    queue = [pending.submit(self.batch, s) for s in range(step, step + self.config.prefetch_batches)]
+    """Batches from ``start_step`` on. A worker process that dies raises Grain's RuntimeError
+    ("terminated unexpectedly") here rather than leaving training waiting."""
+    first_block, skip = divmod(start_step, self.config.batches_per_block)
+    iterator = self.blocks(first_block)
     try:
-      while True:
-        yield queue.pop(0).result()
-        step += 1
-        queue.append(pending.submit(self.batch, step + self.config.prefetch_batches - 1))
+      for block in iterator:
+        for k in range(skip, self.config.batches_per_block):
+          yield self._counted({key: value[k] for key, value in block.items()})
+        skip = 0
     finally:
-      pending.shutdown(wait=False, cancel_futures=True)
+      self._close(iterator)
+
+  def _close(self, iterator):
+    if iterator in self._iterators:
+      self._iterators.remove(iterator)
+      close = getattr(iterator, "close", None)
+      if close is not None:
+        close()
+
+  def close(self):
+    """Stops the worker processes of every open iterator."""
+    for iterator in list(self._iterators):
+      self._close(iterator)
 
 
 def to_global_array(local_batch, mesh):

@@ -14,12 +14,12 @@ once per distinct batch shape, before the loop. ``rectangular=False`` pads every
 numbers). The resize, the padding colour and the mapping back to original pixels are the
 official ones in both.
 """
-import concurrent.futures
 import dataclasses
 import functools
 import json
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -254,21 +254,13 @@ def _per_class(evaluation, category_ids, class_names):
   return per_class_ap, precision_at_50
 
 
-def _prefetched(iterator):
-  """The items of ``iterator``, the next one read in a thread while the caller works."""
-  with concurrent.futures.ThreadPoolExecutor(1) as reader:
-    pending = reader.submit(next, iterator, None)
-    while (item := pending.result()) is not None:
-      pending = reader.submit(next, iterator, None)
-      yield item
-
-
 def images_hw(source, threads=4):
   """(len(source), 2) int: every example's image height and width in pixels, on every process
-  (each process reads its own contiguous part, decoding in ``threads`` threads)."""
+  (each process reads its own contiguous part, decoding in ``threads`` of Grain's threads)."""
   part = np.array_split(np.arange(len(source)), jax.process_count())[jax.process_index()]
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    local = list(pool.map(lambda i: np.shape(source[int(i)]["image"])[:2], part))
+  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
+  local = list(grain.MapDataset.source(part).map(
+      lambda i: np.shape(source[int(i)]["image"])[:2]).to_iter_dataset(read))
   return _gather_rows([np.asarray(local, np.int64).reshape(-1, 2)])[0]
 
 
@@ -326,7 +318,7 @@ def evaluate(model_name, variables, source, category_ids, *, class_names=None, i
   batches = eval_batches.batches(reader, plan, jax.process_index(), jax.process_count())
   pending = None
   show = progress and jax.process_index() == 0
-  for batch in tqdm(_prefetched(batches), total=len(plan), disable=not show, desc="evaluating",
+  for batch in tqdm(batches, total=len(plan), disable=not show, desc="evaluating",
                     unit="batch"):
     detections = detect(fused_variables, pipeline.to_global_array(batch["images"], mesh))
     if pending is not None:  # the host works on the previous batch while the device runs this one

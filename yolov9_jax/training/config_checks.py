@@ -16,11 +16,14 @@ def validate(config, num_devices):
   models.check_image_size(config.augment.image_size, "config field augment.image_size")
   for field in ("train.batch_size", "train.epochs", "train.log_every_steps",
                 "train.checkpoint_every_steps", "train.keep_checkpoints", "eval.batch_size",
-                "eval.every_epochs", "augment.max_boxes", "augment.workers"):
+                "eval.every_epochs", "augment.max_boxes", "augment.batches_per_block",
+                "augment.prefetch_blocks"):
     section, name = field.split(".")
     value = config[section][name]
     if not isinstance(value, int) or value < 1:
       _fail(field, value, "expected a positive integer")
+  if not isinstance(config.augment.workers, int) or config.augment.workers < 0:
+    _fail("augment.workers", config.augment.workers, "expected >= 0 (0: build batches in this process)")
   if config.train.steps_per_epoch < 0:
     _fail("train.steps_per_epoch", config.train.steps_per_epoch, "expected >= 0 (0: from the data)")
   for field in ("train.batch_size", "eval.batch_size"):
