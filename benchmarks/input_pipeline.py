@@ -1,11 +1,13 @@
-"""Input-pipeline throughput: training batches at 640 with mosaic, and the eval transform.
+"""Input-pipeline throughput: training batches at 640 with mosaic, by number of Grain worker
+processes, and the evaluation transform.
 
 Sources are COCO-like: `shapes` images re-saved as JPEG (quality 90) with a 640 px long side, as
-nearly every COCO image is. Prints JSON. "images_per_cpu_second" divides images by the process's
-CPU time (all threads), so it reads as images/s per core and does not depend on other load on the
-machine.
+nearly every COCO image is. Prints JSON. For each worker count N (1, 2, ... --max_workers):
+"images_per_second" (wall clock, after each worker has delivered its first block),
+"images_per_cpu_second" (images / CPU seconds of this process and its workers: images/s per busy
+core, independent of other load) and "scaling_efficiency" = rate(N) / (N x rate(1)).
 
-    python benchmarks/input_pipeline.py [--images 128] [--batches 8] [--batch_size 16] [--workers 2]
+    python benchmarks/input_pipeline.py [--images 256] [--batches 32] [--batch_size 16] [--max_workers CORES]
 """
 import argparse
 import json
@@ -15,18 +17,33 @@ import platform
 import tempfile
 import time
 
+import grain
 import numpy as np
+import psutil
 
 from yolov9_jax.data import coco_format, eval_batches, pipeline, shapes
 
 
-def _measure(make_batches, count, images_per_batch):
-  batches = make_batches()
-  next(batches)  # warm-up: traces the TF graphs
-  wall, cpu = time.perf_counter(), time.process_time()
+def _cpu_seconds():
+  """CPU time of this process and its worker processes so far."""
+  processes = [psutil.Process()] + psutil.Process().children(recursive=True)
+  total = 0.0
+  for process in processes:
+    try:
+      times = process.cpu_times()
+      total += times.user + times.system
+    except psutil.NoSuchProcess:
+      pass
+  return total
+
+
+def _measure(batches, warmup, count, images_per_batch):
+  for _ in range(warmup):  # worker start-up, imports, TF graph tracing
+    next(batches)
+  wall, cpu = time.perf_counter(), _cpu_seconds()
   for _ in range(count):
     next(batches)
-  wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+  wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
   images = count * images_per_batch
   return {"images": images, "images_per_second": round(images / wall, 1),
           "images_per_cpu_second": round(images / cpu, 1)}
@@ -34,40 +51,45 @@ def _measure(make_batches, count, images_per_batch):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--images", type=int, default=128)
-  parser.add_argument("--batches", type=int, default=8)
+  parser.add_argument("--images", type=int, default=256)
+  parser.add_argument("--batches", type=int, default=32, help="batches timed per measurement")
   parser.add_argument("--batch_size", type=int, default=16)
-  parser.add_argument("--workers", type=int, default=2)
-  # Below the number of images, so that each epoch's images are decoded again as in a real run.
-  parser.add_argument("--window", type=int, default=32, help="mosaic_partner_window")
+  parser.add_argument("--max_workers", type=int, default=len(os.sched_getaffinity(0)))
   args = parser.parse_args()
 
   root = pathlib.Path(tempfile.mkdtemp(prefix="yolov9_jax_bench_"))
   annotations = shapes.as_jpegs(shapes.generate(root / "raw", num_images=args.images, image_hw=(480, 640)),
-                           root / "jpeg")
+                                root / "jpeg")
   builder, _ = coco_format.prepare(annotations, root / "jpeg", root / "tfds", "shapes_bench")
   source = builder.as_data_source(split="train")
 
-  def train_mosaic(**overrides):
+  def train_mosaic(workers, **overrides):
     config = pipeline.default_config()
-    config.update(image_size=640, workers=args.workers, prefetch_batches=1,
-                  mosaic_partner_window=args.window)
-    config.update(overrides)
+    config.update(image_size=640, workers=workers, **overrides)
     train = pipeline.TrainPipeline(source, config, global_batch_size=args.batch_size)
-    if config.cache_images:  # warmed over a full epoch
-      for index in range(len(source)):
-        train._load(index)
-    return _measure(lambda: (train.batch(s) for s in range(10**9)), args.batches, args.batch_size)
+    try:
+      # Every worker's first block is start-up; the timed batches come after them.
+      warmup = max(workers, 1) * config.batches_per_block
+      return _measure(train(), warmup, args.batches, args.batch_size)
+    finally:
+      train.close()
 
+  sweep = {workers: train_mosaic(workers) for workers in range(1, args.max_workers + 1)}
+  single = sweep[1]["images_per_second"]
+  for workers, record in sweep.items():
+    record["scaling_efficiency"] = round(record["images_per_second"] / (workers * single), 3)
   results = {
       "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},
-      "workers": args.workers, "batch_size": args.batch_size, "image_size": 640,
-      # The default: partners from the decoded window (about one decode per image).
-      "train_mosaic": train_mosaic(),
+      "versions": {"grain": grain.__version__ if hasattr(grain, "__version__") else "0.2.18"},
+      "batch_size": args.batch_size, "image_size": 640,
+      "batches_per_block": pipeline.default_config().batches_per_block,
+      # The default: partners from the block's own images (one decode per image).
+      "train_mosaic_by_workers": {str(w): r for w, r in sweep.items()},
       # Partners from anywhere in the dataset, as the official code (four or five decodes).
-      "train_mosaic_official_partners": train_mosaic(mosaic_partner_window=0),
-      # The official --cache ram: every decoded image stays in memory.
-      "train_mosaic_ram_cache": train_mosaic(cache_images=True),
+      "train_mosaic_official_partners_1_worker": train_mosaic(1, mosaic_partners_from_block=False),
+      # The official --cache ram (each worker keeps the images it has decoded), warmed by the
+      # first passes over the data; here the same 1 worker.
+      "train_mosaic_ram_cache_1_worker": train_mosaic(1, cache_images=True),
   }
 
   def square_eval_batches():  # the square letterbox (the rectangles differ by shape only)
@@ -76,7 +98,7 @@ def main():
     while True:
       yield from eval_batches.batches(source, plan)
 
-  results["eval_letterbox"] = _measure(square_eval_batches, args.batches, args.batch_size)
+  results["eval_letterbox"] = _measure(square_eval_batches(), 1, args.batches, args.batch_size)
   print(json.dumps(results))
 
 

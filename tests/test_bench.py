@@ -128,11 +128,17 @@ def test_the_command_reports_every_benchmark(tmp_path, one_subprocess_test_at_a_
 def test_the_input_pipeline_benchmark_prints_its_rates(tmp_path, one_subprocess_test_at_a_time):
   done = subprocess.run(
       [sys.executable, str(REPO_ROOT / "benchmarks" / "input_pipeline.py"), "--images=8",
-       "--batches=1", "--batch_size=4", "--workers=2", "--window=4"],
+       "--batches=2", "--batch_size=4", "--max_workers=2"],
       capture_output=True, text=True, timeout=600, cwd=tmp_path,
       env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
   assert done.returncode == 0, done.stderr[-3000:]
   record = json.loads(done.stdout.strip().splitlines()[-1])
-  for name in ("train_mosaic", "train_mosaic_official_partners", "train_mosaic_ram_cache",
+  sweep = record["train_mosaic_by_workers"]
+  assert list(sweep) == ["1", "2"] and sweep["1"]["scaling_efficiency"] == 1.0
+  assert sweep["2"]["scaling_efficiency"] == pytest.approx(
+      sweep["2"]["images_per_second"] / (2 * sweep["1"]["images_per_second"]), abs=0.002)
+  for name in ("train_mosaic_official_partners_1_worker", "train_mosaic_ram_cache_1_worker",
                "eval_letterbox"):
     assert record[name]["images"] > 0 and record[name]["images_per_second"] > 0, name
+  for rates in [*sweep.values(), record["eval_letterbox"]]:
+    assert rates["images"] > 0 and rates["images_per_cpu_second"] > 0

@@ -315,7 +315,8 @@ def parse_args(argv=None):
   parser.add_argument("--shard_state", action="store_true", help="FSDP, as train.shard_state")
   parser.add_argument("--remat", action="store_true", help="as model.remat: recompute each "
                       "layer's insides in the backward pass")
-  parser.add_argument("--workers", type=int, default=4, help="input pipeline threads")
+  parser.add_argument("--workers", type=int, default=pipeline.default_workers(),
+                      help="input pipeline worker processes (0: in this process)")
   parser.add_argument("--data_dir", default=".cache/datasets",
                       help="where train_pipeline generates its shapes set (reused)")
   parser.add_argument("--peak_tflops", type=float, default=None,

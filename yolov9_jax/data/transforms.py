@@ -5,7 +5,7 @@ look-up tables) gives the same pixels and is 2-3x faster per core than the Tenso
 replaced. Each transform is a pure function of its inputs and explicit parameters, so that the
 pipeline can draw the parameters from stateless seeds (the batch at step N is a function of
 (seed, N)). Images are uint8 HWC RGB; boxes are float32 (N, 4) x1, y1, x2, y2 in pixels of the
-image they come with. OpenCV releases the GIL, so worker threads run these in parallel.
+image they come with. Grain's worker processes run them in parallel.
 """
 from typing import NamedTuple
 
