@@ -3,7 +3,8 @@ processes, and the evaluation transform.
 
 Sources are COCO-like: `shapes` images re-saved as JPEG (quality 90) with a 640 px long side, as
 nearly every COCO image is. Prints JSON. For each worker count N (1, 2, ... --max_workers):
-"images_per_second" (wall clock, after each worker has delivered its first block),
+"images_per_second" (wall clock, after each worker has delivered its first block; the median
+of three windows of --batches batches),
 "images_per_cpu_second" (images / CPU seconds of this process and its workers: images/s per busy
 core, independent of other load) and "scaling_efficiency" = rate(N) / (N x rate(1)).
 
@@ -37,16 +38,21 @@ def _cpu_seconds():
   return total
 
 
-def _measure(batches, warmup, count, images_per_batch):
-  for _ in range(warmup):  # worker start-up, imports, TF graph tracing
+def _measure(batches, warmup, count, images_per_batch, repeats=3):
+  """The median rate of ``repeats`` consecutive windows of ``count`` batches (this machine's
+  load varies), and images per CPU second over all of them."""
+  for _ in range(warmup):  # worker start-up, imports
     next(batches)
-  wall, cpu = time.perf_counter(), _cpu_seconds()
-  for _ in range(count):
-    next(batches)
-  wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
+  cpu, walls = _cpu_seconds(), []
+  for _ in range(repeats):
+    wall = time.perf_counter()
+    for _ in range(count):
+      next(batches)
+    walls.append(time.perf_counter() - wall)
+  cpu = _cpu_seconds() - cpu
   images = count * images_per_batch
-  return {"images": images, "images_per_second": round(images / wall, 1),
-          "images_per_cpu_second": round(images / cpu, 1)}
+  return {"images": images * repeats, "images_per_second": round(images / float(np.median(walls)), 1),
+          "images_per_cpu_second": round(images * repeats / cpu, 1)}
 
 
 def main():
