@@ -212,10 +212,11 @@ def weights_file(tmp_path_factory, gelan_t_3_classes):
 
 def test_eval_script_prints_the_coco_table_and_writes_results_and_plots(
     shapes_dataset, weights_file, tmp_path, capsys):
-  builder, _ = shapes_dataset
+  builder, raw = shapes_dataset
+  data_dir = raw.parent / "tfds"
   out_dir = tmp_path / "eval"
   result = _script("eval").main([
-      "eval.py", "--model=gelan-t", f"--weights={weights_file}", f"--data_dir={builder.data_dir_root}",
+      "eval.py", "--model=gelan-t", f"--weights={weights_file}", f"--data_dir={data_dir}",
       "--dataset=shapes_eval", "--split=validation", f"--image_size={SIZE}", "--batch_size=8",
       f"--out_dir={out_dir}"])
   printed = capsys.readouterr().out
@@ -240,16 +241,17 @@ def test_eval_script_prints_the_coco_table_and_writes_results_and_plots(
 
 
 def test_eval_script_names_a_missing_weights_file_or_dataset(shapes_dataset, weights_file, tmp_path):
-  builder, _ = shapes_dataset
+  _, raw = shapes_dataset
+  data_dir = raw.parent / "tfds"
   common = ["eval.py", "--model=gelan-t", "--split=validation", f"--out_dir={tmp_path}"]
   script = _script("eval")
   with pytest.raises(FileNotFoundError, match=f"weights file or checkpoint directory {tmp_path / 'nope.msgpack'} does not"):
     script.main(common + [f"--weights={tmp_path / 'nope.msgpack'}",
-                          f"--data_dir={builder.data_dir_root}", "--dataset=shapes_eval"])
+                          f"--data_dir={data_dir}", "--dataset=shapes_eval"])
   with pytest.raises(FileNotFoundError, match=f"no prepared dataset 'missing' under {tmp_path}"):
     script.main(common + [f"--weights={weights_file}", f"--data_dir={tmp_path}", "--dataset=missing"])
   with pytest.raises(ValueError, match="has no split 'test'"):
-    script.main(common + [f"--weights={weights_file}", f"--data_dir={builder.data_dir_root}",
+    script.main(common + [f"--weights={weights_file}", f"--data_dir={data_dir}",
                           "--dataset=shapes_eval", "--split=test"])
 
 

@@ -139,7 +139,7 @@ def prepare_splits(splits, data_dir, name, version="1.0.0"):
       [{"label": label, "id": c["id"], "name": c["name"]} for label, c in enumerate(categories)]))
   # Read back from its folder, as every later run opens it: a data source of the builder that
   # wrote it does not pickle, and Grain's worker processes need to receive it.
-  return tfds.builder_from_directory(builder.data_dir), reports
+  return tfds.builder(f"{name}:{version}", data_dir=str(data_dir)), reports
 
 
 def category_ids(builder):
