@@ -1,7 +1,11 @@
 """Detect objects in images, folders or globs; write annotated images and a detections JSON.
 
-    python detect.py --model=gelan-c --weights=gelan-c.msgpack --class_names=person,bicycle,... \\
-        --out_dir=runs/detect photos/ "more/*.jpg" one.png
+    python detect.py --weights=runs/custom photos/          # a train.py workdir: model, class names
+    python detect.py --model=gelan-c --weights=gelan-c.pt --out_dir=runs/detect photos/ "more/*.jpg"
+
+The class names are ``--class_names``, else those saved with the weights (a train.py workdir, an
+official checkpoint), else those of the dataset a ``--config`` names (``--config.data.*`` fields,
+exactly as train.py and eval.py take them), else the label numbers.
 
 Official detect settings (FACTS.md §8.3): best class per anchor, conf 0.25, IoU 0.45, at most 1000
 detections per image. Each image is letterboxed like the official detect (resized to fit
@@ -20,18 +24,22 @@ import jax
 import numpy as np
 from absl import flags
 
-from yolov9_jax import models, paths, sharding, weights
+from yolov9_jax import models, paths, run_config, sharding, weights
 from yolov9_jax.data import pipeline, transforms, visualize
 from yolov9_jax.evaluation import coco_metrics, evaluator
 
 # This script's own flags (eval.py has flags of the same names; both run in one test process).
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("model", None, "architecture, e.g. gelan-c or yolov9-c", flag_values=FLAGS)
-flags.DEFINE_string("weights", None, "weights file: .msgpack, .npz, or an official .pt",
+run_config.define_flag(FLAGS)
+flags.DEFINE_string("model", None, "architecture, e.g. gelan-c or yolov9-c (default: the config's "
+                    "model.name)", flag_values=FLAGS)
+flags.DEFINE_string("weights", None, "a train.py workdir or checkpoint (EMA weights), or a "
+                    "weights file: .msgpack, .npz, an official .pt or .safetensors",
                     flag_values=FLAGS)
-flags.DEFINE_list("class_names", None, "class names in label order (default: label numbers)",
-                  flag_values=FLAGS)
-flags.DEFINE_integer("image_size", 640, "letterbox side, a multiple of 32", flag_values=FLAGS)
+flags.DEFINE_list("class_names", None, "class names in label order (default: the weights', else "
+                  "the --config dataset's, else label numbers)", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", None, "letterbox side, a multiple of 32 (default: the config's "
+                     "augment.image_size, else 640)", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 8, "images per step, divisible by the number of devices",
                      flag_values=FLAGS)
 flags.DEFINE_float("conf_threshold", 0.25, "minimum class score", flag_values=FLAGS)
@@ -82,31 +90,39 @@ def main(argv):
   if FLAGS.help:
     print(__doc__ + "\n" + FLAGS.get_help())
     return None
-  missing = [f"--{name}" for name in ("model", "weights") if FLAGS[name].value is None]
-  if missing or not inputs:
-    raise ValueError(f"detect.py needs {', '.join(missing + ['images'] * (not inputs))}")
-  models.check_image_size(FLAGS.image_size, "--image_size")
+  if FLAGS.weights is None or not inputs:
+    raise ValueError(f"detect.py needs {', '.join(['--weights'] * (FLAGS.weights is None) + ['images'] * (not inputs))}")
+  config = run_config.training_config(FLAGS.config, FLAGS.weights)
+  model = FLAGS.model or (config.model.name if config else None)
+  if model is None:
+    raise ValueError("detect.py needs --model (or a --config, or a train.py workdir as --weights)")
+  image_size = FLAGS.image_size or (config.augment.image_size if config else 640)
+  models.check_image_size(image_size, "--image_size")
   images_found = image_paths(inputs)
-  variables, _ = weights.load(FLAGS.weights, FLAGS.model)
+  variables, info = weights.load(FLAGS.weights, model)
   mesh = sharding.make_mesh()
   sharding.check_batch_size(FLAGS.batch_size, mesh.size, "--batch_size")
   detect, fused_variables, num_classes = evaluator.prepare_detector(
-      FLAGS.model, variables, mesh, FLAGS.conf_threshold, FLAGS.iou_threshold, FLAGS.max_det,
+      model, variables, mesh, FLAGS.conf_threshold, FLAGS.iou_threshold, FLAGS.max_det,
       multi_label=False)
-  class_names = FLAGS.class_names or [str(label) for label in range(num_classes)]
+  class_names = FLAGS.class_names or info.get("class_names")
+  if not class_names and FLAGS.config is not None:
+    class_names = run_config.open_dataset(FLAGS.config.data).class_names
+  class_names = list(class_names or [str(label) for label in range(num_classes)])
   if len(class_names) != num_classes:
-    raise ValueError(f"--class_names has {len(class_names)} names, the model {num_classes} classes")
+    raise ValueError(f"{len(class_names)} class names, the model {num_classes} classes")
   with paths.local_dir(FLAGS.out_dir) as out_dir:  # a remote --out_dir gets the files at the end
-    records, unreadable = _detect_all(images_found, detect, fused_variables, class_names, mesh, out_dir)
+    records, unreadable = _detect_all(images_found, detect, fused_variables, class_names, mesh,
+                                      image_size, out_dir)
   print(f"{len(records)} images, {sum(len(r['detections']) for r in records)} detections; "
         f"{len(unreadable)} unreadable; wrote {paths.user_path(FLAGS.out_dir)}")
   return records
 
 
-def _detect_all(images_found, detect, fused_variables, class_names, mesh, out_dir):
+def _detect_all(images_found, detect, fused_variables, class_names, mesh, image_size, out_dir):
   """Detects in batches, draws each image into ``out_dir`` and writes detections.json there;
   returns (records, unreadable files)."""
-  size = FLAGS.image_size
+  size = image_size
   records, unreadable = [], []
   for first in range(0, len(images_found), FLAGS.batch_size):
     batch_paths, originals, transforms_ = [], [], []

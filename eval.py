@@ -1,13 +1,23 @@
-"""Evaluate a checkpoint on a prepared dataset split by the official COCO protocol (FACTS.md §8).
+"""Evaluate a checkpoint on a dataset split by the official COCO protocol (FACTS.md §8).
 
-    python eval.py --model=gelan-c --weights=gelan-c.msgpack --data_dir=~/tfds --dataset=coco \\
+    python eval.py --weights=runs/custom                  # a train.py workdir: its dataset and model
+    python eval.py --config=configs/custom.py:gelan-c --config.data.path=data.yaml \\
+        --weights=gelan-c-custom.msgpack                  # the dataset as train.py takes it
+    python eval.py --model=gelan-c --weights=gelan-c.pt --data_dir=~/tfds --dataset=coco \\
         --split=validation --annotations=instances_val2017.json --out_dir=runs/eval
+
+The dataset is named as train.py names it: ``--config`` with any ``--config.data.*`` field (a
+YOLO data YAML, COCO JSONs, a prepared TFDS dataset or the shapes set; a YOLO or COCO source is
+prepared on first use, as train.py does), else the config saved with a train.py workdir given as
+``--weights``; ``--data_dir`` with ``--dataset`` is the short form for a prepared TFDS dataset.
+The split is the config's ``data.eval_split`` unless ``--split`` says otherwise (a YOLO YAML's
+``test`` is ``--split=test``).
 
 Prints the COCO table, the per-class AP table and images/s; writes into ``--out_dir``:
 predictions.json (COCO results, original pixels, the dataset's category ids), per_class_ap.csv,
-metrics.json, pr_curve.png and confusion_matrix.png. The dataset is a TFDS dataset prepared by
-``coco_format.prepare``; without ``--annotations`` the ground truth is built from the dataset's
-own boxes (AP_small/medium/large then use box areas, not COCO's segment areas).
+metrics.json, pr_curve.png and confusion_matrix.png. Without COCO annotations (``--annotations``,
+or the config's ``data.eval_annotations``) the ground truth is built from the dataset's own boxes
+(AP_small/medium/large then use box areas, not COCO's segment areas).
 """
 import csv
 import io
@@ -17,22 +27,28 @@ import sys
 
 from absl import flags
 
-from yolov9_jax import paths, weights
+from yolov9_jax import paths, run_config, weights
 from yolov9_jax.evaluation import evaluator, plots
 
 # This script's own flags (detect.py has flags of the same names; both run in one test process).
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("model", None, "architecture, e.g. gelan-c or yolov9-c", flag_values=FLAGS)
+run_config.define_flag(FLAGS)
+flags.DEFINE_string("model", None, "architecture, e.g. gelan-c or yolov9-c (default: the config's "
+                    "model.name)", flag_values=FLAGS)
 flags.DEFINE_string("weights", None, "a train.py workdir or checkpoint (EMA weights), or a "
                     "weights file: .msgpack, .npz, an official .pt or .safetensors",
                     flag_values=FLAGS)
-flags.DEFINE_string("data_dir", None, "TFDS data_dir holding the prepared dataset",
+flags.DEFINE_string("data_dir", None, "with --dataset: the TFDS data_dir holding a prepared "
+                    "dataset (short for --config.data.source=tfds --config.data.data_dir=...)",
                     flag_values=FLAGS)
-flags.DEFINE_string("dataset", None, "TFDS name given to coco_format.prepare", flag_values=FLAGS)
-flags.DEFINE_string("split", "validation", "split to evaluate", flag_values=FLAGS)
-flags.DEFINE_string("annotations", None, "COCO instances JSON of the split (official numbers)",
+flags.DEFINE_string("dataset", None, "with --data_dir: the prepared TFDS dataset's name",
                     flag_values=FLAGS)
-flags.DEFINE_integer("image_size", 640, "letterbox side, a multiple of 32", flag_values=FLAGS)
+flags.DEFINE_string("split", None, "split to evaluate (default: the config's data.eval_split, "
+                    "else validation)", flag_values=FLAGS)
+flags.DEFINE_string("annotations", None, "COCO instances JSON of the split (official numbers; "
+                    "default: the config's data.eval_annotations)", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", None, "letterbox side, a multiple of 32 (default: the config's "
+                     "augment.image_size, else 640)", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 32, "global batch, divisible by the number of devices",
                      flag_values=FLAGS)
 flags.DEFINE_boolean("rectangular", True, "the official batches: sorted by aspect ratio, each "
@@ -41,7 +57,6 @@ flags.DEFINE_boolean("rectangular", True, "the official batches: sorted by aspec
                      flag_values=FLAGS)
 flags.DEFINE_string("out_dir", "runs/eval", "where the results are written", flag_values=FLAGS)
 flags.DEFINE_boolean("help", False, "show this help", flag_values=FLAGS)
-REQUIRED = ("model", "weights", "data_dir", "dataset")
 
 
 def _source(data_dir, dataset, split):
@@ -75,19 +90,38 @@ def main(argv):
   if FLAGS.help:
     print(__doc__ + "\n" + FLAGS.get_help())
     return None
-  missing = [f"--{name}" for name in REQUIRED if FLAGS[name].value is None]
-  if missing:
-    raise ValueError(f"eval.py needs {', '.join(missing)}")
+  if FLAGS.weights is None:
+    raise ValueError("eval.py needs --weights")
   if not paths.user_path(FLAGS.weights).exists():  # before the dataset is opened
     raise FileNotFoundError(f"weights file or checkpoint directory "
                             f"{paths.user_path(FLAGS.weights)} does not exist")
-  source, category_ids, class_names = _source(FLAGS.data_dir, FLAGS.dataset, FLAGS.split)
-  variables, _ = weights.load(FLAGS.weights, FLAGS.model, num_classes=len(category_ids))
-  annotations = FLAGS.annotations and paths.user_path(FLAGS.annotations)
+  config = run_config.training_config(FLAGS.config, FLAGS.weights)
+  model = FLAGS.model or (config.model.name if config else None)
+  if model is None:
+    raise ValueError("eval.py needs --model (or a --config, or a train.py workdir as --weights)")
+  if FLAGS.dataset or FLAGS.data_dir:
+    if not (FLAGS.dataset and FLAGS.data_dir):
+      raise ValueError("--dataset and --data_dir go together (a prepared TFDS dataset)")
+    source, category_ids, class_names = _source(FLAGS.data_dir, FLAGS.dataset,
+                                                FLAGS.split or "validation")
+    annotations = FLAGS.annotations
+  elif config is not None:
+    data_config = config.data
+    if FLAGS.split:
+      data_config.eval_split = FLAGS.split
+    data = run_config.open_dataset(data_config)
+    source, category_ids, class_names = data.eval, data.category_ids, data.class_names
+    annotations = FLAGS.annotations or data.eval_annotations
+  else:
+    raise ValueError("eval.py needs a dataset: --config (and --config.data.* fields, as train.py "
+                     "takes them), a train.py workdir as --weights, or --data_dir with --dataset")
+  image_size = FLAGS.image_size or (config.augment.image_size if config else 640)
+  variables, _ = weights.load(FLAGS.weights, model, num_classes=len(category_ids))
+  annotations = annotations and paths.user_path(annotations)
   if annotations and not annotations.is_file():
     raise FileNotFoundError(f"annotations file {annotations} does not exist")
-  result = evaluator.evaluate(FLAGS.model, variables, source, category_ids,
-                              class_names=class_names, image_size=FLAGS.image_size,
+  result = evaluator.evaluate(model, variables, source, category_ids,
+                              class_names=class_names, image_size=image_size,
                               batch_size=FLAGS.batch_size, ground_truth=annotations,
                               rectangular=FLAGS.rectangular)
   with paths.local_dir(FLAGS.out_dir) as out_dir:  # a remote --out_dir gets the files at the end

@@ -7,6 +7,7 @@
 Every host of a multi-host job runs the same command with --config.distributed=True. Running the
 same command again resumes from the workdir's latest checkpoint, exactly. SIGTERM saves and exits.
 """
+import json
 import os
 import pathlib
 import sys
@@ -24,7 +25,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from yolov9_jax import models, paths, sharding, weights  # noqa: E402
-from yolov9_jax.data import eval_batches, pipeline, sources, visualize  # noqa: E402
+from yolov9_jax.data import eval_batches, pipeline, prepare, sources, visualize  # noqa: E402
 from yolov9_jax.evaluation import evaluator  # noqa: E402
 from yolov9_jax.training import checkpoint, config_checks, program, writers  # noqa: E402
 from yolov9_jax.training import state as train_state  # noqa: E402
@@ -83,7 +84,14 @@ def train(config, workdir):
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-  # Data: the batch at step N is a function of (seed, N).
+  # Data: a user's YOLO/COCO source is prepared on first use (by process 0, the others wait);
+  # the batch at step N is a function of (seed, N).
+  if config.data.source in prepare.SOURCES:
+    if is_main_process:
+      record = prepare.ensure_prepared(config.data)
+      (workdir / prepare.PREPARED_FILE).write_text(json.dumps(record, indent=1))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("dataset prepared")
   data = sources.open_datasets(config.data)
   batch_size, epochs = config.train.batch_size, config.train.epochs
   steps_per_epoch = config.train.steps_per_epoch or len(data.train) // batch_size

@@ -29,12 +29,20 @@ def base() -> ml_collections.ConfigDict:
                             # official: .pt / .safetensors); the class head is re-initialised
   ))
   config.data = ml_collections.ConfigDict(dict(
-      source="tfds",        # "tfds": a prepared TFDS dataset; "shapes": the built-in demo set
-      name="coco/2017",     # TFDS name (prepared as array_record), e.g. by coco_format.prepare
-      data_dir="",          # TFDS data dir ("" = TFDS default)
+      # "tfds": a prepared TFDS dataset; "yolo": a YOLO data YAML (data.path); "coco": instances
+      # JSONs and image folders (data.train_*, data.eval_*); both prepared on first use into
+      # data_dir and reused while unchanged (yolov9_jax/data/prepare.py); "shapes": the demo set
+      source="tfds",
+      name="coco/2017",     # source=tfds: the TFDS name (prepared as array_record)
+      data_dir="",          # TFDS data dir ("" = TFDS default; yolo/coco/shapes: .cache/datasets)
+      path="",              # source=yolo: the data YAML (path, train, val, test, names, nc)
+      train_annotations="",  # source=coco: the train split's instances JSON
+      train_images="",      # source=coco: the train split's image folder
+      eval_images="",       # source=coco: the validation split's image folder
       train_split="train",
-      eval_split="validation",
-      eval_annotations="",  # instances JSON for evaluation (COCO: segment areas); "" = from the split
+      eval_split="validation",  # a YOLO YAML's val; its test is "test"
+      eval_annotations="",  # instances JSON for evaluation (COCO: segment areas); "" = from the
+                            # split; source=coco: the validation split's JSON
       class_names=(),       # () = from the dataset's metadata
       # source="shapes": the synthetic set's size; generated once under data_dir (default .cache/)
       shapes=ml_collections.ConfigDict(dict(num_train=512, num_val=128, image_hw=(160, 160), seed=0)),

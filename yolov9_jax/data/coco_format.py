@@ -103,7 +103,33 @@ def _examples(coco, images_dir, label_of_id, report):
 
 
 def _load_json(annotations):
-  return annotations if isinstance(annotations, dict) else json.loads(paths.user_path(annotations).read_text())
+  """The COCO dict of ``annotations`` (a dict, or a JSON file's path), checked: ValueError naming
+  the file when it is not a COCO instances JSON, has no images, or an annotation names an image
+  id that its ``images`` list lacks."""
+  if isinstance(annotations, dict):
+    coco, where = annotations, "the annotations dict"
+  else:
+    path = paths.user_path(annotations)
+    if not path.is_file():
+      raise FileNotFoundError(f"COCO annotations file {path} does not exist")
+    try:
+      coco = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+      raise ValueError(f"{path}: not valid JSON ({error})") from error
+    where = str(path)
+  if not isinstance(coco, dict) or "images" not in coco or "categories" not in coco:
+    raise ValueError(f"{where}: expected a COCO instances JSON with 'images', 'annotations' and "
+                     "'categories'")
+  if not coco["images"]:
+    raise ValueError(f"{where}: 'images' is empty (an empty split)")
+  image_ids = {image["id"] for image in coco["images"]}
+  missing = sorted({a["image_id"] for a in coco.get("annotations", [])} - image_ids)
+  if missing:
+    first = next(a for a in coco["annotations"] if a["image_id"] == missing[0])
+    raise ValueError(f"{where}: {len(missing)} image ids referenced by annotations are not in "
+                     f"'images' (first: image_id {missing[0]} of annotation id {first.get('id')}; "
+                     f"ids {missing[:10]})")
+  return coco
 
 
 def prepare(annotations, images_dir, data_dir, name, split="train", version="1.0.0"):
@@ -114,9 +140,10 @@ def prepare(annotations, images_dir, data_dir, name, split="train", version="1.0
   return builder, reports[split]
 
 
-def prepare_splits(splits, data_dir, name, version="1.0.0"):
+def prepare_splits(splits, data_dir, name, version="1.0.0", progress=False):
   """``prepare`` for several splits at once: ``splits`` = {split: (annotations, images_dir)},
-  all with the same categories. Returns (builder, {split: PrepareReport})."""
+  all with the same categories. Returns (builder, {split: PrepareReport}). ``progress``: a
+  progress bar per split."""
   cocos = {split: _load_json(annotations) for split, (annotations, _) in splits.items()}
   first_split, first = next(iter(cocos.items()))
   categories = sorted(first["categories"], key=lambda c: c["id"])
@@ -132,7 +159,9 @@ def prepare_splits(splits, data_dir, name, version="1.0.0"):
   reports = {split: PrepareReport() for split in splits}
   builder = tfds.dataset_builders.store_as_tfds_dataset(
       name=name, version=version, features=_features([c["name"] for c in categories]),
-      split_datasets={split: _examples(cocos[split], images_dir, label_of_id, reports[split])
+      split_datasets={split: _with_progress(
+          _examples(cocos[split], images_dir, label_of_id, reports[split]),
+          len(cocos[split]["images"]), f"{name} {split}", progress)
                       for split, (_, images_dir) in splits.items()},
       data_dir=str(data_dir), file_format="array_record", disable_shuffling=True)
   (paths.user_path(builder.data_dir) / CATEGORIES_FILE).write_text(json.dumps(
@@ -140,6 +169,14 @@ def prepare_splits(splits, data_dir, name, version="1.0.0"):
   # Read back from its folder, as every later run opens it: a data source of the builder that
   # wrote it does not pickle, and Grain's worker processes need to receive it.
   return tfds.builder(f"{name}:{version}", data_dir=str(data_dir)), reports
+
+
+def _with_progress(examples, total, description, progress):
+  if not progress:
+    return examples
+  import tqdm
+  return tqdm.tqdm(examples, total=total, desc=f"preparing {description}", unit="image",
+                   dynamic_ncols=True)
 
 
 def category_ids(builder):

@@ -1,12 +1,13 @@
-"""The datasets a training config names: a prepared TFDS dataset, or the built-in shapes set
-(generated and prepared on first use). Both come back as random-access TFDS data sources."""
+"""The datasets a training config names: a prepared TFDS dataset, a user's YOLO data YAML or COCO
+JSONs (prepared on first use, ``data/prepare.py``), or the built-in shapes set (generated and
+prepared on first use). All come back as random-access TFDS data sources."""
 import dataclasses
 import os
 
 import tensorflow_datasets as tfds
 
 from yolov9_jax import paths
-from yolov9_jax.data import coco_format, shapes
+from yolov9_jax.data import coco_format, prepare, shapes
 from yolov9_jax.evaluation import coco_metrics
 
 
@@ -43,7 +44,7 @@ def shapes_builder(data_dir, num_train, num_val, image_hw, seed=0):
   return builder, val_annotations
 
 
-SOURCES = ("tfds", "shapes")
+SOURCES = ("tfds", "shapes") + prepare.SOURCES
 
 
 def check_source(source):
@@ -60,6 +61,12 @@ def open_datasets(data_config):
         data_config.data_dir or ".cache/datasets", data_config.shapes.num_train,
         data_config.shapes.num_val, tuple(data_config.shapes.image_hw), data_config.shapes.seed)
     eval_annotations = str(annotations)
+  elif data_config.source in prepare.SOURCES:
+    # Prepared by prepare.ensure_prepared (train.py: on process 0, before every process opens it).
+    builder = tfds.builder(f"{prepare.dataset_name(data_config)}:{prepare.VERSION}",
+                           data_dir=os.fspath(prepare.data_dir_of(data_config)))
+    # COCO: the validation JSON, for the official numbers (segment areas); YOLO: from the split.
+    eval_annotations = data_config.eval_annotations if data_config.source == "coco" else ""
   else:  # tfds
     try:
       builder = tfds.builder(data_config.name, data_dir=data_config.data_dir and os.fspath(

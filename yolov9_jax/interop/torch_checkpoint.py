@@ -306,8 +306,10 @@ def _read_local_state_dict(path):
     state_dict = safetensors.numpy.load_file(path)
     with safetensors.safe_open(path, framework="np") as file:
       metadata = file.metadata() or {}
+    # Our exporter stores the class names as JSON in the metadata (safetensors keeps strings only).
+    class_names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
     info = {"kind": "safetensors", "entry": None, "epoch": None, "date": None,
-            "class_names": None, "model_attributes": {}, "metadata": metadata}
+            "class_names": class_names, "model_attributes": {}, "metadata": metadata}
   elif magic.startswith(b"PK\x03\x04"):
     state_dict, info = _unpack_checkpoint(_read_torch_zip(path), path)
   elif magic[:1] == pickle.PROTO:
@@ -591,7 +593,8 @@ def export_official_weights(architecture, variables, output_prefix, dtype="float
   (float32 or float16); ``num_batches_tracked`` stays int64. With ``official_repository``, each
   layout also gets ``<prefix>-official.pt``, the whole-model checkpoint of the official scripts
   (see ``write_official_checkpoint``, which runs ``python`` with PyTorch), with ``class_names``
-  and ``hyp``. Every file gets the mode of a new file (0644 under the usual umask).
+  and ``hyp``; the ``.safetensors`` files keep ``class_names`` in their metadata (JSON). Every
+  file gets the mode of a new file (0644 under the usual umask).
   """
   # Imported here: evaluation modules import interop, so a module-level import could be circular.
   from yolov9_jax.evaluation import inference
@@ -625,8 +628,10 @@ def _export_official_weights(architecture, variables, output_prefix, inference, 
                                  for suffix in (".pt", ".safetensors"))
     prefix.parent.mkdir(parents=True, exist_ok=True)
     save_torch_state_dict(pt_path, state_dict)
-    safetensors.numpy.save_file(state_dict, safetensors_path,
-                                metadata={"format": "pt", "architecture": layout})
+    metadata = {"format": "pt", "architecture": layout}
+    if class_names:
+      metadata["class_names"] = json.dumps(list(class_names))
+    safetensors.numpy.save_file(state_dict, safetensors_path, metadata=metadata)
     # safetensors writes 0600 files; the .pt beside it has the mode of any new file (umask).
     shutil.copymode(pt_path, safetensors_path)
     written += [pt_path, safetensors_path]

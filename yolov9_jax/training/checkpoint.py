@@ -151,7 +151,7 @@ def load_model_variables(path, ema=True):
   from yolov9_jax.training import state as train_state  # noqa: PLC0415
   step_directory = _step_directory(path)
   state = _restore_as_numpy(step_directory / "state")
-  meta = json.loads((step_directory / "meta" / "metadata").read_text())  # orbax's JSON item
+  meta = read_meta(step_directory)
   name = meta["config"]["model"]["name"]
   prefix = "ema_" if ema else ""
   if isinstance(state["params"], dict):  # named trees
@@ -160,6 +160,12 @@ def load_model_variables(path, ema=True):
   shapes = models.abstract_variables(name, len(meta["class_names"]))
   layout = train_state.Layout.of(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
   return name, layout.variables(state[f"{prefix}params"], state[f"{prefix}batch_stats"]), meta
+
+
+def read_meta(path):
+  """The meta item (config, class names, ...) of a training checkpoint: ``path`` is a train.py
+  workdir (its latest checkpoint) or one checkpoint directory."""
+  return json.loads((_step_directory(path) / "meta" / "metadata").read_text())
 
 
 def _restore_as_numpy(directory):
