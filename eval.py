@@ -117,7 +117,7 @@ def main(argv):
                      "takes them), a train.py workdir as --weights, or --data_dir with --dataset")
   image_size = FLAGS.image_size or (config.augment.image_size if config else 640)
   variables, _ = weights.load(FLAGS.weights, model, num_classes=len(category_ids))
-  annotations = annotations and paths.user_path(annotations)
+  annotations = paths.user_path(annotations) if annotations else None
   if annotations and not annotations.is_file():
     raise FileNotFoundError(f"annotations file {annotations} does not exist")
   result = evaluator.evaluate(model, variables, source, category_ids,

@@ -88,7 +88,10 @@ def train(config, workdir):
   # the batch at step N is a function of (seed, N).
   if config.data.source in prepare.SOURCES:
     if is_main_process:
-      record = prepare.ensure_prepared(config.data)
+      try:
+        record = prepare.ensure_prepared(config.data)
+      except (FileNotFoundError, ValueError) as error:  # the user's files: a message, no traceback
+        sys.exit(f"train.py: dataset {config.data.source}: {error}")
       (workdir / prepare.PREPARED_FILE).write_text(json.dumps(record, indent=1))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("dataset prepared")

@@ -173,3 +173,135 @@ def test_the_prepare_command_shows_progress_and_prints_the_settings_to_train_wit
                         f"--path={tmp_path / 'missing.yaml'}"], cwd=REPO_ROOT, capture_output=True,
                        text=True, timeout=300)
   assert bad.returncode == 1 and "prepare: data YAML" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# The test sizes: gelan-t at 64 px on the CPU, one step of 8 (one image per simulated device).
+_SMALL_RUN = ["--config.model.dtype=float32", "--config.augment.image_size=64",
+              "--config.augment.max_boxes=16", "--config.augment.workers=0",
+              "--config.augment.close_mosaic_epochs=0", "--config.train.batch_size=8",
+              "--config.train.epochs=1", "--config.train.log_every_steps=1",
+              "--config.optimizer.nominal_batch_size=8", "--config.eval.batch_size=8",
+              "--config.eval.num_images_logged=2"]
+
+
+def _readme_commands():
+  """The commands of README's "Train on your data" section, as argument lists."""
+  import re
+  import shlex
+  text = (REPO_ROOT / "README.md").read_text()
+  section = text[text.index("## Train on your data"):]
+  block = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
+  return [shlex.split(line) for line in re.sub(r"\\\n\s*", " ", block).splitlines() if line.strip()]
+
+
+def _run(args, expect_failure=False):
+  done = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                        timeout=900)
+  if expect_failure:
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+  else:
+    assert done.returncode == 0, f"{args[0]}: {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+  return done
+
+
+def _with_bad_bits(images_dir):
+  """An unreadable image among the good ones (skipped and reported)."""
+  (images_dir / "broken.jpg").write_bytes(b"not a jpeg at all")
+
+
+def _exported_names(prefix):
+  import safetensors
+  with safetensors.safe_open(f"{prefix}.safetensors", framework="np") as file:
+    return json.loads(file.metadata()["class_names"])
+
+
+def test_readmes_commands_train_eval_detect_and_export_a_yolo_and_a_coco_dataset(
+    tmp_path, gelan_t_20_classes, one_subprocess_test_at_a_time):
+  """Only the command line, as a user runs it: README's three commands on a YOLO folder (with an
+  unreadable image, a box beyond the edge, a polygon line), fine-tuning from official-layout
+  weights of another number of classes; then the same on COCO JSONs with sparse ids; export.py
+  of each run. Predictions carry the dataset's own category ids, detections its class names."""
+  from yolov9_jax import interop
+  _, variables = gelan_t_20_classes
+  official = interop.export_official_weights("gelan-t", variables, tmp_path / "gelan-t")[0]
+  assert official.suffix == ".pt"
+  data_yaml = write_yolo_set(tmp_path / "set", train_images=9, val_images=4)
+  _with_bad_bits(tmp_path / "set" / "images" / "train")
+  with (tmp_path / "set" / "labels" / "train" / "1.txt").open("a") as labels:
+    labels.write("1 0.9 0.9 0.4 0.4\n")  # beyond the right and bottom edges: clipped
+    labels.write("2 0.1 0.1 0.4 0.1 0.4 0.4 0.1 0.4\n")  # a polygon line among box lines
+  train_command, eval_command, detect_command = _readme_commands()
+  workdir, photos = tmp_path / "runs" / "custom", tmp_path / "set" / "images" / "val"
+  replacements = {"data.yaml": str(data_yaml), "gelan-c.pt": str(official), "gelan-c": "gelan-t",
+                  "runs/custom": str(workdir), "photos/": str(photos)}
+
+  def as_here(command):
+    words = []
+    for word in command[1:]:
+      for readme_value, here in replacements.items():
+        word = word.replace(readme_value, here)
+      words.append(word)
+    return words
+
+  cache = f"--config.data.data_dir={tmp_path / 'cache'}"
+  # A label line of a class beyond nc: a message with the file and line, before anything runs.
+  bad_labels = tmp_path / "set" / "labels" / "val" / "0.txt"
+  good_labels = bad_labels.read_text()
+  bad_labels.write_text(good_labels + "5 0.5 0.5 0.1 0.1\n")
+  failed = _run(as_here(train_command) + [cache] + _SMALL_RUN, expect_failure=True)
+  assert f"{bad_labels}:2: class 5 is outside the 3 classes" in failed.stderr
+  bad_labels.write_text(good_labels)
+
+  trained = _run(as_here(train_command) + [cache] + _SMALL_RUN)
+  assert "preparing yolo dataset" in trained.stdout
+  assert "train: 9 images" in trained.stdout and "1 unreadable images skipped" in trained.stdout
+  assert "re-initialised:" in trained.stdout  # 20 classes in the file, 3 in the data
+  report = json.loads((workdir / prepare.PREPARED_FILE).read_text())["reports"]
+  assert report["train"]["skipped_unreadable"] == ["images/train/broken.jpg"]
+  assert report["train"]["boxes_clipped"] >= 1
+
+  evaluated = _run(as_here(eval_command))
+  assert "unchanged" in evaluated.stdout and "preparing yolo" not in evaluated.stdout  # reused
+  predictions = json.loads((workdir / "eval" / "predictions.json").read_text())
+  assert predictions and {p["category_id"] for p in predictions} <= {0, 1, 2}
+  detected = _run(as_here(detect_command) + ["--conf_threshold=0.001", "--max_det=5"])
+  assert "4 images" in detected.stdout
+  records = json.loads((workdir / "detect" / "detections.json").read_text())["images"]
+  assert sum(len(r["detections"]) for r in records) > 0
+  assert {d["name"] for r in records for d in r["detections"]} <= set(NAMES)
+  assert all(pathlib.Path(r["annotated"]).is_file() for r in records)
+  _run(["export.py", f"--checkpoint={workdir}", "--architecture=gelan-t",
+        f"--output={tmp_path / 'exported' / 'custom'}"])
+  assert _exported_names(tmp_path / "exported" / "custom") == NAMES
+
+  # COCO JSONs with sparse category ids (3, 7) and an unreadable image.
+  _coco_set(tmp_path / "coco")
+  for index in range(4, 9):  # 8 readable train images: one step of 8
+    Image.fromarray(np.full((40, 60, 3), 20 * index, np.uint8)).save(tmp_path / "coco" / "train" / f"{index}.png")
+  train_json = json.loads((tmp_path / "coco" / "train.json").read_text())
+  train_json["images"] += [{"id": 100 + i, "file_name": f"{i}.png", "width": 60, "height": 40}
+                           for i in range(4, 9)]
+  train_json["images"].append({"id": 999, "file_name": "broken.jpg", "width": 60, "height": 40})
+  _with_bad_bits(tmp_path / "coco" / "train")
+  (tmp_path / "coco" / "train.json").write_text(json.dumps(train_json))
+  coco_run = tmp_path / "runs" / "coco"
+  coco_fields = [f"--config.data.source=coco",
+                 f"--config.data.train_annotations={tmp_path / 'coco' / 'train.json'}",
+                 f"--config.data.train_images={tmp_path / 'coco' / 'train'}",
+                 f"--config.data.eval_annotations={tmp_path / 'coco' / 'val.json'}",
+                 f"--config.data.eval_images={tmp_path / 'coco' / 'val'}"]
+  trained = _run(["train.py", "--config=configs/custom.py:gelan-t", f"--workdir={coco_run}",
+                  f"--config.model.init_from={official}", cache] + coco_fields + _SMALL_RUN)
+  assert "preparing coco dataset" in trained.stdout and "1 unreadable images skipped" in trained.stdout
+  # eval.py with the dataset named as train.py names it (--config and its fields).
+  _run(["eval.py", "--config=configs/custom.py:gelan-t", f"--weights={coco_run}", cache,
+        f"--out_dir={coco_run / 'eval'}", "--image_size=64"] + coco_fields)
+  predictions = json.loads((coco_run / "eval" / "predictions.json").read_text())
+  assert predictions and {p["category_id"] for p in predictions} <= {3, 7}
+  _run(["detect.py", f"--weights={coco_run}", f"--out_dir={coco_run / 'detect'}",
+        "--conf_threshold=0.001", str(tmp_path / "coco" / "val")])
+  records = json.loads((coco_run / "detect" / "detections.json").read_text())["images"]
+  assert {d["name"] for r in records for d in r["detections"]} <= {"cat", "dog"}
+  _run(["export.py", f"--checkpoint={coco_run}", "--architecture=gelan-t",
+        f"--output={tmp_path / 'exported' / 'coco'}"])
+  assert _exported_names(tmp_path / "exported" / "coco") == ["cat", "dog"]

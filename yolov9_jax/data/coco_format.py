@@ -28,7 +28,7 @@ EXIF_ORIENTATION = 0x0112
 @dataclasses.dataclass
 class PrepareReport:
   images: int = 0
-  skipped_unreadable: list = dataclasses.field(default_factory=list)  # file names
+  skipped_unreadable: list = dataclasses.field(default_factory=list)  # file_name of each
   converted_to_rgb: int = 0
   exif_rotated: int = 0
   without_annotations: int = 0
@@ -51,7 +51,7 @@ def _features(class_names):
   })
 
 
-def _load_rgb(path, report):
+def _load_rgb(path, report, name):
   """The image's original bytes when they decode to plain RGB as stored, else a converted RGB
   array (TFDS stores it losslessly): (bytes or array, (height, width)), or (None, None)."""
   try:
@@ -67,7 +67,7 @@ def _load_rgb(path, report):
       rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
       return rgb, rgb.shape[:2]
   except (OSError, SyntaxError, ValueError):
-    report.skipped_unreadable.append(path.name)
+    report.skipped_unreadable.append(name)  # as the JSON names it (YOLO: relative to the YAML's path)
     return None, (None, None)
 
 
@@ -76,7 +76,8 @@ def _examples(coco, images_dir, label_of_id, report):
   for annotation in coco.get("annotations", []):
     annotations_by_image[annotation["image_id"]].append(annotation)
   for info in coco["images"]:
-    image, (height, width) = _load_rgb(paths.user_path(images_dir) / info["file_name"], report)
+    image, (height, width) = _load_rgb(paths.user_path(images_dir) / info["file_name"], report,
+                                       info["file_name"])
     if image is None:
       continue
     objects = {"bbox": [], "label": [], "category_id": [], "is_crowd": []}

@@ -35,8 +35,9 @@ def data_dir_of(data_config):
   return paths.absolute(data_config.data_dir or DEFAULT_DATA_DIR)
 
 
-def _source_files(data_config):
-  """The user's source files that name the dataset, checked to be given."""
+def source_files(data_config):
+  """The user's source files that name the dataset, checked to be given (config_checks calls it
+  before anything is built)."""
   if data_config.source == "yolo":
     if not data_config.path:
       raise ValueError("config field data.path is empty: data.source='yolo' needs the data YAML, "
@@ -53,7 +54,7 @@ def _source_files(data_config):
 def dataset_name(data_config):
   """The TFDS name of the prepared source: its kind, the first file's stem, and a hash of where
   the source lies (two datasets of the same file name do not collide)."""
-  files = [os.fspath(paths.absolute(f)) for f in _source_files(data_config)]
+  files = [os.fspath(paths.absolute(f)) for f in source_files(data_config)]
   stem = re.sub(r"[^a-z0-9]+", "_", os.path.splitext(os.path.basename(files[0]))[0].lower()).strip("_")
   where = hashlib.sha256("\n".join(files).encode()).hexdigest()[:8]
   return f"{data_config.source}_{stem or 'data'}_{where}"
@@ -64,7 +65,7 @@ def _splits(data_config):
   if data_config.source == "yolo":
     data = yolo_format.DataYaml(data_config.path)
     return {split: (data.to_coco(split), data.root) for split in data.splits}
-  _source_files(data_config)
+  source_files(data_config)
   return {"train": (data_config.train_annotations, data_config.train_images),
           "validation": (data_config.eval_annotations, data_config.eval_images)}
 
@@ -122,7 +123,7 @@ def ensure_prepared(data_config, progress=True, log=print):
     log(f"dataset {name} in {data_dir}: the source changed since it was prepared"
         if record else f"dataset {name} in {data_dir}: an unfinished preparation, starting again")
     folder.rmtree()
-  log(f"preparing {data_config.source} dataset {_source_files(data_config)[0]} as {name} in {data_dir}")
+  log(f"preparing {data_config.source} dataset {source_files(data_config)[0]} as {name} in {data_dir}")
   started = time.perf_counter()
   _, reports = coco_format.prepare_splits(_splits(data_config), data_dir, name, VERSION, progress=progress)
   record = {"name": name, "data_dir": os.fspath(data_dir), "fingerprint": current,

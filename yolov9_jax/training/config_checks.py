@@ -1,6 +1,6 @@
 """Bad config values fail at start, with a message naming the field."""
 from yolov9_jax import models, sharding
-from yolov9_jax.data import sources
+from yolov9_jax.data import prepare, sources
 
 
 def _fail(field, value, expected):
@@ -37,3 +37,5 @@ def validate(config, num_devices):
   if not config.optimizer.lr0 > 0:  # NaN too
     _fail("optimizer.lr0", config.optimizer.lr0, "expected a positive learning rate")
   sources.check_source(config.data.source)
+  if config.data.source in prepare.SOURCES:
+    prepare.source_files(config.data)  # the fields a YOLO / COCO source needs are given
