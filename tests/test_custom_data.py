@@ -254,7 +254,7 @@ def test_readmes_commands_train_eval_detect_and_export_a_yolo_and_a_coco_dataset
 
   trained = _run(as_here(train_command) + [cache] + _SMALL_RUN)
   assert "preparing yolo dataset" in trained.stdout
-  assert "train: 9 images" in trained.stdout and "1 unreadable images skipped" in trained.stdout
+  assert "train: 9 images" in trained.stdout and "unreadable images skipped: 1" in trained.stdout
   assert "re-initialised:" in trained.stdout  # 20 classes in the file, 3 in the data
   report = json.loads((workdir / prepare.PREPARED_FILE).read_text())["reports"]
   assert report["train"]["skipped_unreadable"] == ["images/train/broken.jpg"]
@@ -292,7 +292,7 @@ def test_readmes_commands_train_eval_detect_and_export_a_yolo_and_a_coco_dataset
                  f"--config.data.eval_images={tmp_path / 'coco' / 'val'}"]
   trained = _run(["train.py", "--config=configs/custom.py:gelan-t", f"--workdir={coco_run}",
                   f"--config.model.init_from={official}", cache] + coco_fields + _SMALL_RUN)
-  assert "preparing coco dataset" in trained.stdout and "1 unreadable images skipped" in trained.stdout
+  assert "preparing coco dataset" in trained.stdout and "unreadable images skipped: 1" in trained.stdout
   # eval.py with the dataset named as train.py names it (--config and its fields).
   _run(["eval.py", "--config=configs/custom.py:gelan-t", f"--weights={coco_run}", cache,
         f"--out_dir={coco_run / 'eval'}", "--image_size=64"] + coco_fields)

@@ -51,7 +51,9 @@ def test_every_flag_of_every_readme_command_exists():
       continue
     script = command[1:3] if command[1] == "-m" else command[1:2]
     flags = [w.split("=")[0] for w in command[len(script) + 1:] if w.startswith("--")]
-    if script == ["train.py"]:
+    if script == ["train.py"] or (script[0] in ("eval.py", "detect.py") and any(
+        w.startswith("--config=") for w in command)):
+      # train.py's flags, and eval.py's / detect.py's --config.* fields: the config file's.
       config_arg = next((w.split("=", 1)[1] for w in command if w.startswith("--config=")),
                         "configs/shapes_demo.py")
       path, _, argument = config_arg.partition(":")
@@ -66,9 +68,11 @@ def test_every_flag_of_every_readme_command_exists():
           for name in flag[len("--config."):].split("."):
             assert name in node, f"README: {' '.join(command)}: no config field {flag}"
             node = node[name]
-        else:
+        elif script == ["train.py"]:
           assert flag in ("--config", "--workdir"), flag
-      continue
+      if script == ["train.py"]:
+        continue
+      flags = [flag for flag in flags if not flag.startswith("--config.")]
     key = " ".join(script)
     if key not in helps:
       helps[key] = _help_text(script)

@@ -148,12 +148,13 @@ def describe(record):
   lines = [f"dataset {record['name']} (prepared {record['prepared_at']}):"]
   for split, report in record["reports"].items():
     skipped = report["skipped_unreadable"]
+    named = f" ({', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''})" if skipped else ""
     lines.append(
-        f"  {split}: {report['images']} images, {report['boxes']} boxes; "
-        f"{len(skipped)} unreadable images skipped{' (' + ', '.join(skipped[:5]) + (', ...' if len(skipped) > 5 else '') + ')' if skipped else ''}; "
-        f"{report['boxes_clipped']} boxes clipped to the image, {report['boxes_dropped_empty']} "
-        f"dropped as empty; {report['without_annotations']} images without objects; "
-        f"{report['converted_to_rgb']} converted to RGB, {report['exif_rotated']} EXIF-rotated")
+        f"  {split}: {report['images']} images, {report['boxes']} boxes; unreadable images "
+        f"skipped: {len(skipped)}{named}; boxes clipped to the image: {report['boxes_clipped']}, "
+        f"dropped as empty: {report['boxes_dropped_empty']}; images without objects: "
+        f"{report['without_annotations']}; converted to RGB: {report['converted_to_rgb']}, "
+        f"EXIF-rotated: {report['exif_rotated']}")
   return "\n".join(lines)
 
 
