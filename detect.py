@@ -85,8 +85,7 @@ def _read_rgb(path):
 
 
 def main(argv):
-  FLAGS.unparse_flags()
-  inputs = FLAGS(argv)[1:]
+  inputs = run_config.parse(FLAGS, argv)[1:]
   if FLAGS.help:
     print(__doc__ + "\n" + FLAGS.get_help())
     return None

@@ -85,8 +85,7 @@ def _per_class_table(per_class_ap):
 
 
 def main(argv):
-  FLAGS.unparse_flags()
-  FLAGS(argv)
+  run_config.parse(FLAGS, argv)
   if FLAGS.help:
     print(__doc__ + "\n" + FLAGS.get_help())
     return None

@@ -29,15 +29,17 @@ from yolov9_jax import xla_flags
 
 xla_flags.use_fast_cpu_convolutions()  # before JAX starts
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+import types  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
 from configs import coco  # noqa: E402
 from yolov9_jax import models, paths, sharding  # noqa: E402
@@ -297,47 +299,71 @@ def markdown_table(records):
   return "\n".join(lines)
 
 
+def _flags():
+  """This command's flags: absl, as every entry point (train/eval/detect/export/bench)."""
+  flag_values = flags.FlagValues()
+  define = dict(flag_values=flag_values)
+  flags.DEFINE_enum("model", "yolov9-c", sorted(models.ARCHITECTURES), "architecture", **define)
+  flags.DEFINE_string("benchmarks", ",".join(BENCHMARKS),
+                      f"comma-separated, of {', '.join(BENCHMARKS)}", **define)
+  flags.DEFINE_integer("batch_size", 64, "global, over all devices", **define)
+  flags.DEFINE_integer("image_size", 640, "letterbox side, a multiple of 32", **define)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                    "compute dtype (parameters and BatchNorm statistics stay float32)", **define)
+  flags.DEFINE_integer("num_classes", 80, "classes of the model", **define)
+  flags.DEFINE_integer("max_boxes", 300, "box slots per training image", **define)
+  flags.DEFINE_integer("boxes_per_image", 8, "valid boxes per synthetic training image (COCO "
+                       "averages 7.3)", **define)
+  flags.DEFINE_integer("steps", 10, "timed steps", **define)
+  flags.DEFINE_integer("warmup", 2, "untimed steps after compilation", **define)
+  flags.DEFINE_boolean("shard_state", False, "FSDP, as train.shard_state", **define)
+  flags.DEFINE_boolean("remat", False, "as model.remat: recompute each layer's insides in the "
+                       "backward pass", **define)
+  flags.DEFINE_integer("workers", pipeline.default_workers(), "input pipeline worker processes "
+                       "(0: in this process)", **define)
+  flags.DEFINE_string("data_dir", ".cache/datasets", "where train_pipeline generates its shapes "
+                      "set (reused)", **define)
+  flags.DEFINE_float("peak_tflops", None, "the device's peak for MFU where PEAK_TFLOPS does not "
+                     "know it (CPUs)", **define)
+  flags.DEFINE_string("profile_dir", "", "trace the timed steps with jax.profiler into "
+                      "DIR/<benchmark>", **define)
+  flags.DEFINE_string("compilation_cache", ".cache/jax", "persistent compilation cache directory "
+                      "('' for none)", **define)
+  flags.DEFINE_boolean("help", False, "show this help", **define)
+  return flag_values
+
+
+def _usage_error(message):
+  print(f"python -m yolov9_jax.bench: {message} (--help lists the flags)", file=sys.stderr)
+  sys.exit(2)
+
+
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", default="yolov9-c", choices=sorted(models.ARCHITECTURES))
-  parser.add_argument("--benchmarks", default=",".join(BENCHMARKS),
-                      help=f"comma-separated, of {', '.join(BENCHMARKS)}")
-  parser.add_argument("--batch_size", type=int, default=64, help="global, over all devices")
-  parser.add_argument("--image_size", type=int, default=640)
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                      help="compute dtype (parameters and BatchNorm statistics stay float32)")
-  parser.add_argument("--num_classes", type=int, default=80)
-  parser.add_argument("--max_boxes", type=int, default=300, help="box slots per training image")
-  parser.add_argument("--boxes_per_image", type=int, default=8,
-                      help="valid boxes per synthetic training image (COCO averages 7.3)")
-  parser.add_argument("--steps", type=int, default=10, help="timed steps")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-  parser.add_argument("--shard_state", action="store_true", help="FSDP, as train.shard_state")
-  parser.add_argument("--remat", action="store_true", help="as model.remat: recompute each "
-                      "layer's insides in the backward pass")
-  parser.add_argument("--workers", type=int, default=pipeline.default_workers(),
-                      help="input pipeline worker processes (0: in this process)")
-  parser.add_argument("--data_dir", default=".cache/datasets",
-                      help="where train_pipeline generates its shapes set (reused)")
-  parser.add_argument("--peak_tflops", type=float, default=None,
-                      help="the device's peak for MFU where PEAK_TFLOPS does not know it (CPUs)")
-  parser.add_argument("--profile_dir", default="",
-                      help="trace the timed steps with jax.profiler into DIR/<benchmark>")
-  parser.add_argument("--compilation_cache", default=".cache/jax",
-                      help="persistent compilation cache directory ('' for none)")
-  args = parser.parse_args(argv)
+  """The settings from ``argv`` (without the program name; default: the command line) as an
+  object with one attribute per flag; a bad setting exits with a message."""
+  flag_values = _flags()
+  try:
+    extra = flag_values([sys.argv[0]] + list(sys.argv[1:] if argv is None else argv))[1:]
+  except flags.Error as error:
+    _usage_error(str(error))
+  if extra:
+    _usage_error(f"unexpected arguments {extra}")
+  if flag_values.help:
+    print(__doc__ + "\n" + flag_values.get_help())
+    sys.exit(0)
+  args = types.SimpleNamespace(**{name: flag_values[name].value for name in flag_values})
   unknown = set(args.benchmarks.split(",")) - set(BENCHMARKS)
   if unknown:
-    parser.error(f"unknown benchmarks {sorted(unknown)}; expected some of {list(BENCHMARKS)}")
+    _usage_error(f"unknown benchmarks {sorted(unknown)}; expected some of {list(BENCHMARKS)}")
   for name in ("batch_size", "image_size", "steps", "num_classes", "max_boxes"):
     if getattr(args, name) < 1:
-      parser.error(f"--{name} must be at least 1")
+      _usage_error(f"--{name} must be at least 1")
   try:
     models.check_image_size(args.image_size, "--image_size")
   except ValueError as error:
-    parser.error(str(error))
+    _usage_error(str(error))
   if args.batch_size % jax.device_count():
-    parser.error(f"--batch_size {args.batch_size} does not split over {jax.device_count()} devices")
+    _usage_error(f"--batch_size {args.batch_size} does not split over {jax.device_count()} devices")
   return args
 
 

@@ -3,6 +3,8 @@ entry point names a dataset the same way: ``--config=configs/custom.py:gelan-c
 --config.data.path=data.yaml`` (any ``--config.*`` field, as train.py takes them), or, without
 ``--config``, the config saved in the checkpoints of a train.py workdir given as ``--weights``.
 """
+import sys
+
 import ml_collections
 from ml_collections import config_flags
 
@@ -19,6 +21,19 @@ HELP = ("a training config, configs/<file>.py[:argument], with any --config.<fie
 
 def define_flag(flag_values):
   config_flags.DEFINE_config_file("config", None, HELP, flag_values=flag_values, lock_config=False)
+
+
+def parse(flag_values, argv):
+  """Parses ``argv`` into ``flag_values`` (anew: a program may be run twice in one process);
+  returns the arguments that are not flags. config_flags reads the ``--config.*`` overrides from
+  ``sys.argv`` at parse time, so ``argv`` stands in for it meanwhile (tests, other programs)."""
+  saved_argv = sys.argv
+  sys.argv = list(argv)
+  try:
+    flag_values.unparse_flags()
+    return flag_values(argv)
+  finally:
+    sys.argv = saved_argv
 
 
 def _merged(defaults, saved):

@@ -17,9 +17,9 @@ temporaries, aliased; ``planned_bytes_per_chip`` = arguments + outputs + tempora
 the compiled program's FLOPs and bytes accessed per chip per step (XLA's cost analysis, a hint:
 it is a static count), and the compile time. Compiling yolov9-c at 640 takes minutes.
 """
-import argparse
 import json
 import os
+import sys
 import time
 
 # Compiling only, never touching a TPU: several such processes may load libtpu at once (it would
@@ -94,19 +94,40 @@ def plan_record(compiled, compile_seconds, chips, batch_size):
           "compile_seconds": round(compile_seconds, 1)}
 
 
+def _flags():
+  """This command's flags: absl, as every entry point (train/eval/detect/export/bench)."""
+  from absl import flags
+  flag_values = flags.FlagValues()
+  define = dict(flag_values=flag_values)
+  flags.DEFINE_string("topology", None, "e.g. v5e:2x2, v5p:2x2x1, v6e:2x2, v5e:4x4", **define)
+  flags.DEFINE_enum("model", "yolov9-c", sorted(models.ARCHITECTURES), "architecture", **define)
+  flags.DEFINE_integer("batch_size", 64, "global, over every chip", **define)
+  flags.DEFINE_integer("image_size", 640, "training image side, a multiple of 32", **define)
+  flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "compute dtype", **define)
+  flags.DEFINE_boolean("shard_state", False, "FSDP, as train.shard_state", **define)
+  flags.DEFINE_integer("max_boxes", 100, "box slots per training image", **define)
+  flags.DEFINE_integer("num_classes", 80, "classes of the model", **define)
+  flags.DEFINE_boolean("remat", False, "as model.remat: recompute each layer's insides in the "
+                       "backward pass", **define)
+  flags.DEFINE_boolean("help", False, "show this help", **define)
+  return flag_values
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5p:2x2x1, v6e:2x2, v5e:4x4")
-  parser.add_argument("--model", default="yolov9-c", choices=sorted(models.ARCHITECTURES))
-  parser.add_argument("--batch_size", type=int, default=64, help="global, over every chip")
-  parser.add_argument("--image_size", type=int, default=640)
-  parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-  parser.add_argument("--shard_state", action="store_true", help="FSDP, as train.shard_state")
-  parser.add_argument("--max_boxes", type=int, default=100, help="box slots per training image")
-  parser.add_argument("--num_classes", type=int, default=80)
-  parser.add_argument("--remat", action="store_true", help="as model.remat: recompute each "
-                      "layer's insides in the backward pass")
-  args = parser.parse_args(argv)
+  import types
+
+  from absl import flags
+  flag_values = _flags()
+  try:
+    flag_values([sys.argv[0]] + list(sys.argv[1:] if argv is None else argv))
+    if flag_values.help:
+      print(__doc__ + "\n" + flag_values.get_help())
+      return None
+    if not flag_values.topology:
+      raise flags.Error("--topology is required, e.g. --topology=v5e:2x2")
+  except flags.Error as error:
+    sys.exit(f"python -m yolov9_jax.tpu_plan: {error}")
+  args = types.SimpleNamespace(**{name: flag_values[name].value for name in flag_values})
   compiled, seconds, chips = compile_train_step(
       args.topology, args.model, args.batch_size, args.image_size, args.dtype, args.shard_state,
       args.max_boxes, args.num_classes, args.remat)
