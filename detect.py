@@ -2,6 +2,11 @@
 
     python detect.py --weights=runs/custom photos/          # a train.py workdir: model, class names
     python detect.py --model=gelan-c --weights=gelan-c.pt --out_dir=runs/detect photos/ "more/*.jpg"
+    python detect.py --weights=exported/gelan-c.onnx photos/   # a file of export.py --format=...
+
+An exported detector (.onnx, .tflite, .stablehlo or a SavedModel folder) runs in its own runtime
+with the image size, thresholds and class names stored in it; the settings flags below are for
+weights and workdirs.
 
 The class names are ``--class_names``, else those saved with the weights (a train.py workdir, an
 official checkpoint), else those of the dataset a ``--config`` names (``--config.data.*`` fields,
@@ -20,12 +25,12 @@ import sys
 
 import cv2
 
-import jax
 import numpy as np
 from absl import flags
 
 from yolov9_jax import models, paths, run_config, sharding, weights
 from yolov9_jax.data import pipeline, transforms, visualize
+from yolov9_jax.deploy import runtimes
 from yolov9_jax.evaluation import coco_metrics, evaluator
 
 # This script's own flags (eval.py has flags of the same names; both run in one test process).
@@ -91,14 +96,28 @@ def main(argv):
     return None
   if FLAGS.weights is None or not inputs:
     raise ValueError(f"detect.py needs {', '.join(['--weights'] * (FLAGS.weights is None) + ['images'] * (not inputs))}")
-  config = run_config.training_config(FLAGS.config, FLAGS.weights)
+  images_found = image_paths(inputs)
+  if runtimes.format_of(FLAGS.weights):
+    run_batch, class_names, image_size, batch_size = _exported_detector(FLAGS.weights)
+  else:
+    run_batch, class_names, image_size, batch_size = _jax_detector(FLAGS.weights)
+  with paths.local_dir(FLAGS.out_dir) as out_dir:  # a remote --out_dir gets the files at the end
+    records, unreadable = _detect_all(images_found, run_batch, class_names, image_size,
+                                      batch_size, out_dir)
+  print(f"{len(records)} images, {sum(len(r['detections']) for r in records)} detections; "
+        f"{len(unreadable)} unreadable; wrote {paths.user_path(FLAGS.out_dir)}")
+  return records
+
+
+def _jax_detector(weights_path):
+  """(run_batch, class names, image size, batch size) for weights or a workdir, jitted here."""
+  config = run_config.training_config(FLAGS.config, weights_path)
   model = FLAGS.model or (config.model.name if config else None)
   if model is None:
     raise ValueError("detect.py needs --model (or a --config, or a train.py workdir as --weights)")
   image_size = FLAGS.image_size or (config.augment.image_size if config else 640)
   models.check_image_size(image_size, "--image_size")
-  images_found = image_paths(inputs)
-  variables, info = weights.load(FLAGS.weights, model)
+  variables, info = weights.load(weights_path, model)
   mesh = sharding.make_mesh()
   sharding.check_batch_size(FLAGS.batch_size, mesh.size, "--batch_size")
   detect, fused_variables, num_classes = evaluator.prepare_detector(
@@ -110,23 +129,39 @@ def main(argv):
   class_names = list(class_names or [str(label) for label in range(num_classes)])
   if len(class_names) != num_classes:
     raise ValueError(f"{len(class_names)} class names, the model {num_classes} classes")
-  with paths.local_dir(FLAGS.out_dir) as out_dir:  # a remote --out_dir gets the files at the end
-    records, unreadable = _detect_all(images_found, detect, fused_variables, class_names, mesh,
-                                      image_size, out_dir)
-  print(f"{len(records)} images, {sum(len(r['detections']) for r in records)} detections; "
-        f"{len(unreadable)} unreadable; wrote {paths.user_path(FLAGS.out_dir)}")
-  return records
+
+  def run_batch(images):
+    detections = detect(fused_variables, pipeline.to_global_array(images, mesh))
+    return {"boxes_xyxy_px": evaluator.host_rows(detections.boxes_xyxy_px),
+            "scores": evaluator.host_rows(detections.scores),
+            "classes": evaluator.host_rows(detections.classes),
+            "count": evaluator.host_rows(detections.count)}
+  return run_batch, class_names, image_size, FLAGS.batch_size
 
 
-def _detect_all(images_found, detect, fused_variables, class_names, mesh, image_size, out_dir):
+def _exported_detector(path):
+  """(run_batch, class names, image size, batch size) for a file of export.py --format=..."""
+  detector = runtimes.load(path)
+  spec = detector.spec
+  if not spec.nms:
+    raise ValueError(f"{path} was exported with --nms=false (raw predictions): detect.py needs "
+                     "the NMS inside")
+  if FLAGS.class_names and len(FLAGS.class_names) != len(spec.class_names):
+    raise ValueError(f"{len(FLAGS.class_names)} class names, the model {len(spec.class_names)}")
+  print(f"detect.py: {runtimes.describe(detector)}")
+  return (detector, list(FLAGS.class_names or spec.class_names), spec.image_size,
+          spec.batch_size or FLAGS.batch_size)
+
+
+def _detect_all(images_found, run_batch, class_names, image_size, batch_size, out_dir):
   """Detects in batches, draws each image into ``out_dir`` and writes detections.json there;
   returns (records, unreadable files)."""
   size = image_size
   records, unreadable = [], []
-  for first in range(0, len(images_found), FLAGS.batch_size):
+  for first in range(0, len(images_found), batch_size):
     batch_paths, originals, transforms_ = [], [], []
-    images = np.full((FLAGS.batch_size, size, size, 3), transforms.FILL_VALUE, np.uint8)
-    for path in images_found[first:first + FLAGS.batch_size]:
+    images = np.full((batch_size, size, size, 3), transforms.FILL_VALUE, np.uint8)
+    for path in images_found[first:first + batch_size]:
       image = _read_rgb(path)
       if image is None:
         unreadable.append(str(path))
@@ -136,13 +171,12 @@ def _detect_all(images_found, detect, fused_variables, class_names, mesh, image_
       batch_paths.append(path)
       originals.append(image)
       transforms_.append(letterbox)
-    detections = jax.tree.map(evaluator.host_rows,
-                              detect(fused_variables, pipeline.to_global_array(images, mesh)))
+    detections = run_batch(images)
     for i, (path, image, letterbox) in enumerate(zip(batch_paths, originals, transforms_)):
-      count = int(detections.count[i])
-      boxes = coco_metrics.boxes_to_original(detections.boxes_xyxy_px[i, :count], letterbox.ratio,
-                                             letterbox.pad_xy, image.shape[:2])
-      scores, labels = detections.scores[i, :count], detections.classes[i, :count]
+      count = int(detections["count"][i])
+      boxes = coco_metrics.boxes_to_original(detections["boxes_xyxy_px"][i, :count],
+                                             letterbox.ratio, letterbox.pad_xy, image.shape[:2])
+      scores, labels = detections["scores"][i, :count], detections["classes"][i, :count]
       picture = out_dir / path.name
       visualize.draw_boxes(image, boxes, labels, class_names, scores).save(picture)
       records.append({"file": os.fspath(path), "annotated": os.fspath(paths.user_path(FLAGS.out_dir) / path.name), "height": image.shape[0],

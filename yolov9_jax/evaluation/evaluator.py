@@ -21,14 +21,13 @@ import time
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from yolov9_jax import models, sharding
 from yolov9_jax.data import eval_batches, pipeline
-from yolov9_jax.evaluation import coco_metrics, inference, nms
+from yolov9_jax.evaluation import coco_metrics, inference
 from yolov9_jax.evaluation.predictions import Predictions
 
 # The official val.py's confusion matrix: detections above this score, matched above this IoU.
@@ -63,14 +62,7 @@ def detector(fused_architecture, num_classes, mesh, conf_threshold, iou_threshol
   evaluations (every epoch) reuse the compiled function."""
   model = models.build(fused_architecture, num_classes=num_classes, dtype=dtype, fused=True)
   batch_sharded = sharding.batch_sharding(mesh)
-
-  def detect(fused_variables, images_uint8):
-    images = images_uint8.astype(model.dtype) / 255
-    predictions = model.apply(fused_variables, images, train=False)["main"]
-    # bfloat16 boxes would be off by pixels at 640: NMS and the boxes stay float32.
-    return nms.non_max_suppression(predictions.astype(jnp.float32), conf_threshold, iou_threshold,
-                                   max_det, multi_label=multi_label)
-
+  detect = inference.detection_function(model, conf_threshold, iou_threshold, max_det, multi_label)
   return jax.jit(detect, in_shardings=(sharding.replicated(mesh), batch_sharded),
                  out_shardings=batch_sharded)
 

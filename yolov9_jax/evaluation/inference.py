@@ -8,6 +8,7 @@ b - mean * g / sqrt(var + eps)) and merges each RepConvN's 3x3 and 1x1 branches 
 import jax.numpy as jnp
 
 from yolov9_jax import models
+from yolov9_jax.evaluation import nms
 from yolov9_jax.models.layers import BN_EPSILON
 
 
@@ -71,3 +72,18 @@ def inference_model(architecture, variables, dtype=jnp.float32):
   model = models.build(target, num_classes=models.num_classes_of(target, pruned), dtype=dtype,
                        fused=True)
   return model, fold_batchnorm(pruned, dtype)
+
+
+def detection_function(model, conf_threshold, iou_threshold, max_det, multi_label):
+  """The detector as a pure function, ``(fused variables, images (B, S, S, 3) uint8 RGB) ->
+  nms.Detections`` with boxes in letterboxed input pixels: what eval.py and detect.py jit and
+  what export.py serialises (one function, so that every format computes the measured one)."""
+
+  def detect(fused_variables, images_uint8):
+    images = images_uint8.astype(model.dtype) / 255
+    predictions = model.apply(fused_variables, images, train=False)["main"]
+    # bfloat16 boxes would be off by pixels at 640: NMS and the boxes stay float32.
+    return nms.non_max_suppression(predictions.astype(jnp.float32), conf_threshold, iou_threshold,
+                                   max_det, multi_label=multi_label)
+
+  return detect

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 
 # The official class offset: boxes of different classes never overlap once shifted this far.
 _CLASS_OFFSET_PX = 7680.0
+# The official cap on candidates per image that enter NMS.
+MAX_CANDIDATES = 30000
 
 
 class Detections(NamedTuple):
@@ -32,60 +34,82 @@ class Detections(NamedTuple):
 
 
 def _box_iou(box, boxes):
-  """IoU of one box with many (x1, y1, x2, y2), as torchvision computes it (no epsilon)."""
-  top_left = jnp.maximum(box[:2], boxes[:, :2])
-  bottom_right = jnp.minimum(box[2:], boxes[:, 2:])
+  """IoU of each image's one box (B, 1, 4) with its many (B, K, 4) (x1, y1, x2, y2), as
+  torchvision computes it (no epsilon): (B, K)."""
+  top_left = jnp.maximum(box[..., :2], boxes[..., :2])
+  bottom_right = jnp.minimum(box[..., 2:], boxes[..., 2:])
   inter = jnp.prod(jnp.clip(bottom_right - top_left, 0), axis=-1)
-  area = jnp.prod(box[2:] - box[:2])
-  areas = jnp.prod(boxes[:, 2:] - boxes[:, :2], axis=-1)
+  area = jnp.prod(box[..., 2:] - box[..., :2], axis=-1)
+  areas = jnp.prod(boxes[..., 2:] - boxes[..., :2], axis=-1)
   return inter / (area + areas - inter)
 
 
-def _one_image(predictions, conf_threshold, iou_threshold, max_det, max_candidates, multi_label):
-  num_anchors, num_classes = predictions.shape[0], predictions.shape[1] - 4
-  centre, size = predictions[:, :2], predictions[:, 2:4]
-  boxes = jnp.concatenate([centre - size / 2, centre + size / 2], axis=-1)
-  class_scores = predictions[:, 4:]
+def boxes_xyxy(predictions):
+  """(x1, y1, x2, y2) boxes (B, A, 4) of decoded predictions (B, A, 4 + C) (cx, cy, w, h first)."""
+  centre, size = predictions[..., :2], predictions[..., 2:4]
+  return jnp.concatenate([centre - size / 2, centre + size / 2], axis=-1)
+
+
+def _rows(array, index):
+  """array[b, index[b, k]] for every image b: (B, N, ...) taken at (B, K) -> (B, K, ...)."""
+  index = index.reshape(index.shape + (1,) * (array.ndim - 2))
+  return jnp.take_along_axis(array, index, axis=1)
+
+
+def non_max_suppression(predictions, conf_threshold=0.001, iou_threshold=0.7, max_det=300,
+                        max_candidates=MAX_CANDIDATES, multi_label=True):
+  """Detections of a batch of decoded predictions (B, A, 4 + C): cx, cy, w, h in pixels, then
+  class scores (the model's eval output). Defaults are the official evaluation settings; the
+  official detection settings are conf 0.25, IoU 0.45, multi_label False.
+
+  Written on the batch axis rather than vmapped over images, and with static shapes only, so that
+  exporters that convert loops but not batched loops (jax2onnx) take the same graph."""
+  batch, num_anchors, num_classes = (predictions.shape[0], predictions.shape[1],
+                                     predictions.shape[2] - 4)
+  boxes = boxes_xyxy(predictions)
+  class_scores = predictions[..., 4:]
   if multi_label:
-    scores = class_scores.reshape(-1)  # candidate k = anchor k // C, class k % C
+    scores = class_scores.reshape(batch, num_anchors * num_classes)  # k = anchor k // C, class k % C
     anchor_of = jnp.arange(num_anchors * num_classes) // num_classes
-    class_of = jnp.arange(num_anchors * num_classes) % num_classes
+    class_of = jnp.broadcast_to(jnp.arange(num_anchors * num_classes) % num_classes, scores.shape)
   else:
     scores = jnp.max(class_scores, axis=-1)
     anchor_of = jnp.arange(num_anchors)
     class_of = jnp.argmax(class_scores, axis=-1)
   above = scores > conf_threshold
-  cap = min(max_candidates, scores.shape[0])
-  top_scores, top = jax.lax.top_k(jnp.where(above, scores, -jnp.inf), cap)
-  candidate_boxes = boxes[anchor_of[top]]
-  candidate_classes = class_of[top].astype(jnp.int32)
-  shifted = candidate_boxes + (candidate_classes * _CLASS_OFFSET_PX)[:, None]
-  alive = jnp.isfinite(top_scores)
+  cap = min(max_candidates, scores.shape[1])
+  if cap < scores.shape[1]:
+    top_scores, top = jax.lax.top_k(jnp.where(above, scores, -jnp.inf), cap)
+  else:
+    # Nothing to cut: the rounds below take the best remaining candidate by argmax (the lowest
+    # index among equal scores, as top_k's stable order would), so sorting first changes nothing.
+    # Without the sort, the graph also converts to TFLite, which has no general sort.
+    top_scores = scores
+    top = jnp.broadcast_to(jnp.arange(scores.shape[1]), scores.shape)
+  alive = _rows(above, top)
+  candidate_boxes = _rows(boxes, anchor_of[top])
+  candidate_classes = _rows(class_of, top).astype(jnp.int32)
+  shifted = candidate_boxes + (candidate_classes * _CLASS_OFFSET_PX)[..., None]
 
   def take_best(i, state):
-    alive, kept = state
-    best = jnp.argmax(jnp.where(alive, top_scores, -jnp.inf))
-    found = alive[best]
-    overlaps = _box_iou(shifted[best], shifted) > iou_threshold
+    # Everything the rounds read travels in the loop state: jax2onnx's Loop takes no traced
+    # values from outside its body.
+    alive, kept, top_scores, shifted = state
+    best = jnp.argmax(jnp.where(alive, top_scores, -jnp.inf), axis=-1)[:, None]  # (B, 1)
+    found = _rows(alive, best)
+    overlaps = _box_iou(_rows(shifted, best), shifted) > iou_threshold
     alive = alive & ~(found & (overlaps | (jnp.arange(cap) == best)))
-    kept = kept.at[i].set(jnp.where(found, best, -1))
-    return alive, kept
+    kept = jax.lax.dynamic_update_slice_in_dim(kept, jnp.where(found, best, -1).astype(jnp.int32),
+                                               i, axis=1)
+    return alive, kept, top_scores, shifted
 
-  _, kept = jax.lax.fori_loop(0, max_det, take_best, (alive, jnp.full(max_det, -1, jnp.int32)))
+  kept = jax.lax.fori_loop(0, max_det, take_best, (
+      alive, jnp.broadcast_to(jnp.int32(-1), (batch, max_det)), top_scores, shifted))[1]
   real = kept >= 0
   index = jnp.maximum(kept, 0)
   return Detections(
-      boxes_xyxy_px=jnp.where(real[:, None], candidate_boxes[index], 0),
-      scores=jnp.where(real, top_scores[index], 0),
-      classes=jnp.where(real, candidate_classes[index], 0),
-      count=jnp.sum(real).astype(jnp.int32),
-      candidates_dropped=jnp.maximum(jnp.sum(above) - cap, 0).astype(jnp.int32))
-
-
-def non_max_suppression(predictions, conf_threshold=0.001, iou_threshold=0.7, max_det=300,
-                        max_candidates=30000, multi_label=True):
-  """Detections of a batch of decoded predictions (B, A, 4 + C): cx, cy, w, h in pixels, then
-  class scores (the model's eval output). Defaults are the official evaluation settings; the
-  official detection settings are conf 0.25, IoU 0.45, multi_label False."""
-  return jax.vmap(lambda p: _one_image(p, conf_threshold, iou_threshold, max_det, max_candidates,
-                                       multi_label))(predictions)
+      boxes_xyxy_px=jnp.where(real[..., None], _rows(candidate_boxes, index), 0),
+      scores=jnp.where(real, _rows(top_scores, index), 0),
+      classes=jnp.where(real, _rows(candidate_classes, index), 0),
+      count=jnp.sum(real, axis=-1).astype(jnp.int32),
+      candidates_dropped=jnp.maximum(jnp.sum(above, axis=-1) - cap, 0).astype(jnp.int32))

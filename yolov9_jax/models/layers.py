@@ -200,13 +200,24 @@ class ELAN1(nn.Module):
 
 def _avg_pool_2x2_stride_1(x):
   # The official down-sampling blocks smooth with an unpadded 2x2 stride-1 average pool: H -> H-1.
-  return nn.avg_pool(x, (2, 2), strides=(1, 1), padding="VALID")
+  # (Keyword arguments: jax2onnx's stand-in for Flax's pools takes no positional window.)
+  return nn.avg_pool(x, window_shape=(2, 2), strides=(1, 1), padding="VALID")
+
+
+def _same_padding(length, size, stride):
+  """(before, after) padding of XLA's "SAME" for one dimension."""
+  total = max((-(-length // stride) - 1) * stride + size - length, 0)
+  return total // 2, total - total // 2
 
 
 def _max_pool(x, size, stride):
   # Flax pads max-pools with -inf, as PyTorch's implicit padding does: padding never wins.
   pad = size // 2
-  return nn.max_pool(x, (size, size), strides=(stride, stride), padding=((pad, pad), (pad, pad)))
+  padding = ((pad, pad), (pad, pad))
+  if all(_same_padding(length, size, stride) == (pad, pad) for length in x.shape[1:3]):
+    # The same pads, named: exporters convert "SAME" pools (jax2onnx 0.17 mangles explicit pads).
+    padding = "SAME"
+  return nn.max_pool(x, window_shape=(size, size), strides=(stride, stride), padding=padding)
 
 
 class AConv(nn.Module):
