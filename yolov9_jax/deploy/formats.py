@@ -57,10 +57,9 @@ def _saved_model(function, spec, directory, batch_size):
                              input_signature=[tf.TensorSpec([batch_size, size, size, 3], tf.uint8,
                                                             name="images")])
   tf.saved_model.save(module, directory, signatures={"serving_default": module.serve})
-  extra = os.path.join(directory, "assets.extra")
-  os.makedirs(extra, exist_ok=True)
-  with open(os.path.join(extra, f"{METADATA_KEY}.json"), "w", encoding="utf-8") as file:
-    file.write(spec.to_json())
+  extra = paths.user_path(directory) / "assets.extra"
+  extra.mkdir(parents=True, exist_ok=True)
+  (extra / f"{METADATA_KEY}.json").write_text(spec.to_json())
 
 
 def write_saved_model(function, spec, path):
@@ -92,8 +91,7 @@ def write_tflite(function, spec, path):
     model.metadata = (model.metadata or []) + [metadata]
     local = os.path.join(scratch, "model.tflite")
     flatbuffer_utils.write_model(model, local)
-    with open(local, "rb") as file:
-      paths.user_path(path).write_bytes(file.read())
+    paths.user_path(path).write_bytes(paths.user_path(local).read_bytes())
   return [path]
 
 
