@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
@@ -110,11 +111,28 @@ def test_the_readme_commands_on_the_demo_run_and_eval_prints_the_demos_numbers(
     assert metrics[name] == pytest.approx(final[f"eval/{name}"], abs=1e-6), name
   detections = json.loads((outputs["detect.py"] / "detections.json").read_text())
   assert len(detections["images"]) == 128 and not detections["unreadable"]
-  (export_command,) = _demo_commands("export.py")
-  output = next(w.split("=", 1)[1] for w in export_command if w.startswith("--output="))
-  args = [w if not w.startswith("--output=") else f"--output={tmp_path / output}"
-          for w in export_command[1:]]
-  result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert (tmp_path / f"{output}.pt").is_file() and (tmp_path / f"{output}.safetensors").is_file()
+  export_commands = _demo_commands("export.py")
+  assert {next((w for w in c if w.startswith("--format=")), "--format=pt")
+          for c in export_commands} == {"--format=pt", "--format=onnx"}
+  for export_command in export_commands:
+    output = next(w.split("=", 1)[1] for w in export_command if w.startswith("--output="))
+    args = [w if not w.startswith("--output=") else f"--output={tmp_path / output}"
+            for w in export_command[1:]]
+    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if "--format=onnx" not in export_command:
+      assert (tmp_path / f"{output}.pt").is_file()
+      assert (tmp_path / f"{output}.safetensors").is_file()
+      continue
+    # The deploy section's ONNX: any batch (--batch_size=0), the demo's settings in its metadata,
+    # and it runs in onnxruntime.
+    from yolov9_jax.deploy import runtimes  # pylint: disable=import-outside-toplevel
+    detector = runtimes.load(str(tmp_path / f"{output}.onnx"))
+    assert detector.runtime.startswith("onnxruntime")
+    assert detector.spec.architecture == "gelan-t" and detector.spec.batch_size is None
+    size = detector.spec.image_size
+    for batch in (1, 2):
+      outputs = detector(np.zeros((batch, size, size, 3), np.uint8))
+      assert outputs["count"].shape == (batch,)
+      assert outputs["boxes_xyxy_px"].shape == (batch, detector.spec.max_det, 4)

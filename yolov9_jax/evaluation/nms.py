@@ -53,7 +53,9 @@ def boxes_xyxy(predictions):
 def _rows(array, index):
   """array[b, index[b, k]] for every image b: (B, N, ...) taken at (B, K) -> (B, K, ...)."""
   index = index.reshape(index.shape + (1,) * (array.ndim - 2))
-  return jnp.take_along_axis(array, index, axis=1)
+  # Every index here is in range: no out-of-range fill (a select that onnxruntime 1.31 cannot run
+  # on booleans).
+  return jnp.take_along_axis(array, index, axis=1, mode="promise_in_bounds")
 
 
 def non_max_suppression(predictions, conf_threshold=0.001, iou_threshold=0.7, max_det=300,
