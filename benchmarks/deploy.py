@@ -5,15 +5,20 @@ The detector is export.py's (folded main branch + NMS on the graph, single-label
 IoU 0.45, max_det 300) on random weights: NMS has static shapes, so the work does not depend on
 them. One JSON object per (model, batch, runtime), then a summary line:
 
-    python benchmarks/deploy.py --models=gelan-t,gelan-c --image_size=640 --batch_sizes=1,8
+    PYTHONPATH=. python benchmarks/deploy.py --models=gelan-t,gelan-c --image_size=640 --batch_sizes=1,8
 
-The official PyTorch eager model is the reference of issue 20; it needs a checkout of the official
-repository (OFFICIAL_YOLOV9_REPO), which CI and this repository do not carry: without one the
-summary says so.
+The reference is the official PyTorch eager model with the same weights (exported in the official
+layout), fused as the official detect.py fuses it, timed with the official non_max_suppression
+on the same settings: it runs with ``--official_repo`` (a checkout of WongKinYiu/yolov9; default
+$OFFICIAL_YOLOV9_REPO) and ``--official_python`` (a Python with PyTorch and the official
+requirements; default $OFFICIAL_YOLOV9_PYTHON, else this one). Without a checkout the summary says
+that the reference was not run.
 """
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -21,7 +26,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from yolov9_jax import models
+from yolov9_jax import interop, models
 from yolov9_jax.deploy import formats, runtimes, spec as spec_lib
 from yolov9_jax.evaluation import inference
 
@@ -32,6 +37,44 @@ _RUNTIMES = flags.DEFINE_list("runtimes", ["jax", "stablehlo", "onnx", "tflite",
                               "which runtimes")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 80, "classes of the random weights")
 _SECONDS = flags.DEFINE_float("seconds", 5.0, "timed seconds per measurement (after warm-up)")
+_OFFICIAL_REPO = flags.DEFINE_string("official_repo", os.environ.get("OFFICIAL_YOLOV9_REPO", ""),
+                                     "a checkout of the official repository (empty: no reference)")
+_OFFICIAL_PYTHON = flags.DEFINE_string(
+    "official_python", os.environ.get("OFFICIAL_YOLOV9_PYTHON", sys.executable),
+    "a Python with PyTorch and the official requirements")
+
+# Run by --official_python: the official model built from its YAML with our weights, fused, in
+# eval mode, then model + official non_max_suppression timed as _images_per_second times ours.
+_TORCH_REFERENCE = """
+import json, sys, time
+import numpy as np
+repository, model_yaml, state_dict_path, image_size, batch_sizes, seconds, settings = sys.argv[1:]
+sys.path.insert(0, repository)
+import torch
+from models.yolo import DetectionModel
+from utils.general import non_max_suppression
+settings = json.loads(settings)
+state_dict = torch.load(state_dict_path, weights_only=True)
+model = DetectionModel(model_yaml, ch=3, nc=settings["num_classes"])
+model.load_state_dict(state_dict, strict=True)
+model = model.fuse().eval()
+rng = np.random.default_rng(0)
+for batch_size in map(int, batch_sizes.split(",")):
+  images = rng.integers(0, 256, (batch_size, int(image_size), int(image_size), 3), dtype=np.uint8)
+  def run():
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+      return non_max_suppression(model(x), settings["conf_threshold"], settings["iou_threshold"],
+                                 max_det=settings["max_det"])
+  for _ in range(2):
+    run()
+  calls, start = 0, time.perf_counter()
+  while time.perf_counter() - start < float(seconds) or calls < 3:
+    run()
+    calls += 1
+  print(json.dumps({"batch_size": batch_size, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "images_per_second": calls * batch_size / (time.perf_counter() - start)}), flush=True)
+"""
 
 
 def _images_per_second(run, images):
@@ -50,9 +93,37 @@ def _settings(image_size, batch_size):
           "nms": True}
 
 
+def _torch_rows(name, variables, size, scratch):
+  """The official eager model's rows for ``name`` (one per batch size), or [] without a checkout."""
+  if not _OFFICIAL_REPO.value:
+    return []
+  model_yaml = os.path.join(_OFFICIAL_REPO.value, "models", "detect", f"{name}.yaml")
+  if not os.path.isfile(model_yaml):
+    raise app.UsageError(f"--official_repo={_OFFICIAL_REPO.value}: no models/detect/{name}.yaml")
+  state_dict_path = interop.export_official_weights(name, variables,
+                                                    os.path.join(scratch, f"{name}-official"))[0]
+  settings = {**_settings(size, 1), "num_classes": _NUM_CLASSES.value}
+  done = subprocess.run(
+      [_OFFICIAL_PYTHON.value, "-c", _TORCH_REFERENCE, _OFFICIAL_REPO.value, model_yaml,
+       str(state_dict_path), str(size), ",".join(_BATCH_SIZES.value), str(_SECONDS.value),
+       json.dumps(settings)], capture_output=True, text=True, check=False)
+  if done.returncode:
+    raise RuntimeError(f"the official model (run by {_OFFICIAL_PYTHON.value}) failed:\n"
+                       f"{done.stderr[-3000:]}")
+  rows = []
+  for line in done.stdout.splitlines():
+    if line.startswith("{"):
+      measured = json.loads(line)
+      rows.append({"model": name, "image_size": size, "batch_size": measured["batch_size"],
+                   "runtime": f"official pytorch eager (torch {measured['torch']}, "
+                              f"{measured['threads']} threads)",
+                   "images_per_second": round(measured["images_per_second"], 2)})
+  return rows
+
+
 def main(argv):
   del argv
-  rows = []
+  rows, reference_rows = [], []
   size = _IMAGE_SIZE.value
   rng = np.random.default_rng(0)
   with tempfile.TemporaryDirectory() as scratch:
@@ -80,20 +151,28 @@ def main(argv):
                  "export_and_load_seconds": round(prepare_seconds, 1)}
           rows.append(row)
           print(json.dumps(row), flush=True)
-  best_at_1 = {}
-  for row in rows:
-    if row["batch_size"] == 1:
-      key = row["model"]
-      if row["images_per_second"] > best_at_1.get(key, {}).get("images_per_second", 0):
-        best_at_1[key] = row
-  print(json.dumps({"summary": {m: {"best_runtime_at_batch_1": r["runtime"],
-                                    "images_per_second": r["images_per_second"]}
-                                for m, r in best_at_1.items()},
-                    "torch_reference": ("not run: needs OFFICIAL_YOLOV9_REPO (a checkout of the "
-                                        "official repository)"),
+      for row in _torch_rows(name, variables, size, scratch):
+        reference_rows.append(row)
+        print(json.dumps(row), flush=True)
+  summary = {}
+  for name in _MODELS.value:
+    ours = [row for row in rows if row["model"] == name and row["batch_size"] == 1]
+    if not ours:
+      continue
+    best = max(ours, key=lambda row: row["images_per_second"])
+    summary[name] = {"best_runtime_at_batch_1": best["runtime"],
+                     "images_per_second": best["images_per_second"]}
+    reference = [row for row in reference_rows if row["model"] == name and row["batch_size"] == 1]
+    if reference:
+      summary[name]["official_pytorch_eager_images_per_second"] = reference[0]["images_per_second"]
+      summary[name]["speedup_over_official"] = round(
+          best["images_per_second"] / reference[0]["images_per_second"], 2)
+  print(json.dumps({"summary": summary,
+                    "official_reference": ("run" if reference_rows else
+                                           "not run: no --official_repo (a checkout of the "
+                                           "official repository) / OFFICIAL_YOLOV9_REPO"),
                     "cpu": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "jax": jax.__version__}))
-
 
 if __name__ == "__main__":
   app.run(main)
