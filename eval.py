@@ -25,10 +25,16 @@ import json
 import os
 import sys
 
-from absl import flags
+from yolov9_jax import xla_flags
 
-from yolov9_jax import paths, run_config, weights
-from yolov9_jax.evaluation import evaluator, plots
+# Before JAX starts: XLA:CPU's default convolutions run this detector ~25 % slower
+# (gelan-t at 640, batch 1: 7.8 -> 9.9 images/s on 2 cores; benchmarks/deploy.py).
+xla_flags.use_fast_cpu_convolutions()
+
+from absl import flags  # noqa: E402
+
+from yolov9_jax import paths, run_config, weights  # noqa: E402
+from yolov9_jax.evaluation import evaluator, plots  # noqa: E402
 
 # This script's own flags (detect.py has flags of the same names; both run in one test process).
 FLAGS = flags.FlagValues()

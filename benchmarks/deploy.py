@@ -22,13 +22,17 @@ import sys
 import tempfile
 import time
 
-import jax
-import numpy as np
-from absl import app, flags
+from yolov9_jax import xla_flags
 
-from yolov9_jax import interop, models
-from yolov9_jax.deploy import formats, runtimes, spec as spec_lib
-from yolov9_jax.evaluation import inference
+xla_flags.use_fast_cpu_convolutions()  # before JAX starts, as detect.py does
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from yolov9_jax import interop, models  # noqa: E402
+from yolov9_jax.deploy import formats, runtimes, spec as spec_lib  # noqa: E402
+from yolov9_jax.evaluation import inference  # noqa: E402
 
 _MODELS = flags.DEFINE_list("models", ["gelan-t", "gelan-c"], "architectures")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 640, "square input side, pixels")
