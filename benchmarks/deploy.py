@@ -31,8 +31,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from yolov9_jax import interop, models  # noqa: E402
-from yolov9_jax.deploy import formats, runtimes, spec as spec_lib  # noqa: E402
-from yolov9_jax.evaluation import inference  # noqa: E402
+from yolov9_jax.deploy import formats, runtimes  # noqa: E402
 
 _MODELS = flags.DEFINE_list("models", ["gelan-t", "gelan-c"], "architectures")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 640, "square input side, pixels")
@@ -138,11 +137,8 @@ def main(argv):
         for runtime in _RUNTIMES.value:
           start = time.perf_counter()
           if runtime == "jax":
-            model, fused = inference.inference_model(name, variables)
-            spec = spec_lib.DetectorSpec(model.architecture, tuple(map(str, range(model.num_classes))),
-                                         **{k: v for k, v in _settings(size, batch_size).items()
-                                            if k != "class_names"})
-            jitted = jax.jit(spec_lib.detector_function(model, fused, spec))
+            _, function = formats.build_detector(name, variables, _settings(size, batch_size))
+            jitted = jax.jit(function)
             run = lambda x, f=jitted: jax.block_until_ready(f(x))  # noqa: E731
           else:
             _, written = formats.export_detector(runtime, name, variables,

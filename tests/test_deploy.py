@@ -243,8 +243,8 @@ def test_an_80_class_onnx_runs_in_onnxruntime(tmp_path):
   _, written = formats.export_detector("onnx", "gelan-t", variables, settings,
                                        str(tmp_path / "eighty"))
   model, fused = inference.inference_model("gelan-t", variables)
-  spec = runtimes.load(written[0]).spec
-  expected = jax.jit(spec_lib.detector_function(model, fused, spec))(images)
-  got = runtimes.load(written[0])(images)
+  exported = runtimes.load(written[0])
+  expected = jax.jit(spec_lib.detector_function(model, fused, exported.spec))(images)
+  got = exported(images)
   assert int(expected["count"][0]) > 0
   _assert_same_detections(got, {name: np.asarray(value) for name, value in expected.items()})

@@ -135,14 +135,10 @@ def write(export_format, function, spec, path):
   return WRITERS[export_format](function, spec, path)
 
 
-def export_detector(export_format, architecture, variables, spec_settings, output_prefix):
-  """Builds the folded detector of ``architecture`` from its training ``variables`` and writes it
-  as ``export_format`` to ``output_prefix`` + the format's suffix. ``spec_settings``: the
-  ``DetectorSpec`` fields but ``architecture`` (class_names may be None: label numbers).
-  Returns (spec, paths written)."""
-
-  if export_format not in spec_lib.FORMATS:
-    raise ValueError(f"unknown format {export_format!r}: one of pt, {', '.join(spec_lib.FORMATS)}")
+def build_detector(architecture, variables, spec_settings, export_format=None):
+  """The folded detector of ``architecture`` from its training ``variables``: (spec, function of
+  uint8 images). ``spec_settings``: the ``DetectorSpec`` fields but ``architecture``
+  (class_names may be None: label numbers). ``export_format``: also check that it can hold it."""
   model, fused_variables = inference.inference_model(architecture, variables)
   class_names = spec_settings.get("class_names") or [str(i) for i in range(model.num_classes)]
   if len(class_names) != model.num_classes:
@@ -150,9 +146,19 @@ def export_detector(export_format, architecture, variables, spec_settings, outpu
   spec = spec_lib.DetectorSpec(**{**spec_settings, "architecture": model.architecture,
                                   "class_names": tuple(class_names)})
   models.check_image_size(spec.image_size, "--image_size")
-  anchors = sum((spec.image_size // stride) ** 2 for stride in heads.STRIDES)
-  spec_lib.check_request(spec, export_format,
-                         anchors * model.num_classes if spec.multi_label else anchors)
-  function = spec_lib.detector_function(model, fused_variables, spec)
+  if export_format is not None:
+    anchors = sum((spec.image_size // stride) ** 2 for stride in heads.STRIDES)
+    spec_lib.check_request(spec, export_format,
+                           anchors * model.num_classes if spec.multi_label else anchors)
+  return spec, spec_lib.detector_function(model, fused_variables, spec)
+
+
+def export_detector(export_format, architecture, variables, spec_settings, output_prefix):
+  """Builds the folded detector (``build_detector``) and writes it as ``export_format`` to
+  ``output_prefix`` + the format's suffix. Returns (spec, paths written)."""
+
+  if export_format not in spec_lib.FORMATS:
+    raise ValueError(f"unknown format {export_format!r}: one of pt, {', '.join(spec_lib.FORMATS)}")
+  spec, function = build_detector(architecture, variables, spec_settings, export_format)
   path = f"{output_prefix}{spec_lib.FORMATS[export_format]}"
   return spec, write(export_format, function, spec, path)
