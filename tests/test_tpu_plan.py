@@ -45,10 +45,61 @@ def test_the_train_step_compiles_for_a_tpu_slice_and_fsdp_cuts_the_state_per_chi
   replicated, sharded = _plan(libtpu_path), _plan(libtpu_path, "--shard_state")
   for record in (replicated, sharded):
     assert record["chips"] == 4 and record["images_per_chip"] == 2
-    assert record["fits"] and 0 < record["planned_bytes_per_chip"] < record["hbm_bytes_per_chip"]
+    assert record["fits"] and 0 < record["planned_bytes_per_chip"] < record["usable_hbm_bytes_per_chip"]
     assert record["flops_per_chip"] > 0 and record["bytes_accessed_per_image"] > 0
   # gelan-t's state (weights, EMA, momentum, gradient sum: ~2.4 M floats each) is most of the
   # arguments; FSDP keeps a quarter of its vectors on each of the 4 chips.
   state_floats = replicated["argument_bytes"] / 4
   assert state_floats > 4 * 2.4e6
   assert sharded["argument_bytes"] < 0.4 * replicated["argument_bytes"]
+
+
+def test_the_evaluators_detector_compiles_for_a_tpu_slice(libtpu_path, one_subprocess_test_at_a_time):
+  record = _plan(libtpu_path, "--program=detect")
+  assert record["program"] == "detect" and record["chips"] == 4 and record["fits"]
+  # The fused weights (replicated) are the arguments; the outputs are 300 detections per image.
+  assert 0 < record["argument_bytes"] < record["planned_bytes_per_chip"] < record["usable_hbm_bytes_per_chip"]
+  assert record["flops_per_chip"] > 0 and record["bytes_accessed_per_image"] > 0
+
+
+GiB = 2**30
+
+
+def _brute_force_largest(planned_bytes, capacity, step, most):
+  return max([n for n in range(step, most + 1, step) if planned_bytes(n) <= capacity], default=0)
+
+
+@pytest.mark.parametrize("name, planned_bytes, most_compiles", [
+    # The state is fixed and the activations grow per image: a straight plan takes 4 compiles.
+    ("straight", lambda n: 1.3e9 + 0.24e9 * n, 4),
+    ("convex", lambda n: 2e9 + 0.2e9 * n + 0.002e9 * n * n, 6),
+    # Concave as measured: gelan-c at 640 on v5e planned 5.17, 9.02 and 13.09 GB at 16, 32, 64.
+    ("concave", lambda n: 1.1e9 + 0.32e9 * n ** 0.89, 6),
+    ("steps", lambda n: 1e9 + 0.5e9 * (n // 24) * 24, 8),
+    ("nothing fits", lambda n: 20e9 + n, 3),
+    # XLA:TPU refused without saying how much it needed: bisection.
+    ("refused", lambda n: float("inf") if n > 100 else 1e9 + 0.1e9 * n, 12),
+])
+def test_the_largest_batch_search_finds_the_boundary_in_few_compiles(name, planned_bytes,
+                                                                      most_compiles):
+  from yolov9_jax.tpu_plan import largest_fitting_batch
+  for first in (8, 16, 64, 200):
+    compiled = []
+    largest, measured = largest_fitting_batch(lambda n: compiled.append(n) or planned_bytes(n),
+                                              16 * GiB, step=8, first=first, most=1024)
+    assert largest == _brute_force_largest(planned_bytes, 16 * GiB, 8, 1024), (name, first)
+    assert len(compiled) == len(set(compiled)) <= most_compiles, (name, first, compiled)
+    assert all(n % 8 == 0 for n in compiled) and sorted(measured) == sorted(compiled)
+    # The answer is proven by the compiles: it fits, and a step above it does not.
+    assert largest == 0 or measured[largest] <= 16 * GiB
+    assert planned_bytes(largest + 8) > 16 * GiB and largest + 8 in measured
+
+
+def test_a_batch_the_tpu_compiler_refuses_for_hbm_is_a_plan_that_does_not_fit(
+    libtpu_path, one_subprocess_test_at_a_time):
+  # 2048 images of 640 px per chip: XLA:TPU refuses the detector for v5e's HBM in seconds, and
+  # its message gives the bytes it needed (24.35 GiB with libtpu 0.0.42.1).
+  record = _plan(libtpu_path, "--program=detect", "--batch_size=8192", "--image_size=640")
+  assert record["refused_by_compiler"] and not record["fits"]
+  assert record["usable_hbm_bytes_per_chip"] == 15.75 * 2**30
+  assert 1.2 * record["usable_hbm_bytes_per_chip"] < record["planned_bytes_per_chip"] < 64 * 2**30

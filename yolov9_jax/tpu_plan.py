@@ -16,9 +16,16 @@ compiled by XLA:TPU. Prints one JSON line: XLA's per-chip buffer plan (arguments
 temporaries, aliased; ``planned_bytes_per_chip`` = arguments + outputs + temporaries - aliased),
 the compiled program's FLOPs and bytes accessed per chip per step (XLA's cost analysis, a hint:
 it is a static count), and the compile time. Compiling yolov9-c at 640 takes minutes.
+
+``--program=detect`` compiles the evaluator's detector instead (eval.py's folded main branch with
+NMS, batch split over the chips). ``--largest_batch`` searches the largest images per chip (a
+multiple of ``--batch_step``) whose plan fits the chip's HBM, from ``--batch_size`` per chip:
+a JSON line per compile, then a summary line; a straight plan takes four compiles.
 """
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 
@@ -33,10 +40,13 @@ from jax.experimental import topologies  # noqa: E402
 
 from configs import coco  # noqa: E402
 from yolov9_jax import models, sharding  # noqa: E402
+from yolov9_jax.evaluation import evaluator  # noqa: E402
 from yolov9_jax.training import program  # noqa: E402
 
-# HBM per chip, GiB, from Google's TPU data sheets.
-HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+# HBM per device that XLA:TPU (libtpu 0.0.42.1) says a program may use, GiB, read from its
+# refusals ("exceeds available HBM (15.75G)"); below the data sheets' 16 (v5e), 32 (v6e) and
+# 95 GB (v5p) by what the runtime keeps. v4 topologies here have a device per TensorCore (16 GiB).
+USABLE_HBM_GIB = {"v4": 15.25, "v5e": 15.75, "v5p": 95.74, "v6e": 31.25}
 
 
 def abstract_on(tree, shardings):
@@ -71,6 +81,89 @@ def compile_train_step(topology_name, model_name, batch_size, image_size, dtype=
   compiled = training.step.trace(abstract_state, abstract_batch).lower(
       lowering_platforms=("tpu",)).compile()
   return compiled, time.perf_counter() - start, mesh.size
+
+
+def compile_detector(topology_name, model_name, batch_size, image_size, dtype="bfloat16",
+                     num_classes=80):
+  """(compiled evaluator's detector for the slice, compile seconds, number of chips): eval.py's
+  jitted folded main branch with NMS on the device (configs/common.py's eval protocol: confidence
+  0.001, IoU 0.7, 300 detections, multi-label), the batch split over the chips and the fused
+  weights replicated, as in evaluation."""
+  topology = topologies.get_topology_desc(platform="tpu", topology_name=topology_name)
+  mesh = sharding.make_mesh(topology.devices)
+  eval_config = coco.get_config(model_name).eval
+  fused_architecture = models.gelan_counterpart(model_name)
+  detect = evaluator.detector(fused_architecture, num_classes, mesh, eval_config.conf_threshold,
+                              eval_config.iou_threshold, eval_config.max_det, True, dtype)
+  fused_shapes = models.abstract_variables(fused_architecture, num_classes, fused=True)
+  abstract_variables = abstract_on(
+      fused_shapes, jax.tree.map(lambda _: sharding.replicated(mesh), fused_shapes))
+  abstract_images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8,
+                                         sharding=sharding.batch_sharding(mesh))
+  start = time.perf_counter()
+  compiled = detect.trace(abstract_variables, abstract_images).lower(
+      lowering_platforms=("tpu",)).compile()
+  return compiled, time.perf_counter() - start, mesh.size
+
+
+# XLA:TPU refuses to compile a program that does not fit a device's HBM, naming what it needed:
+# "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries
+# (24.35G) exceeds available HBM (15.75G)." (libtpu 0.0.42.1).
+_HBM_EXCEEDED = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\) exceeds "
+                           r"available HBM \(([0-9.]+)([KMGT])\)")
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def exceeded_hbm_bytes(error):
+  """The bytes per chip XLA:TPU said a program needs when it refused it for HBM; None where
+  ``error`` is not such a refusal."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text or "HBM" not in text:
+    return None
+  match = _HBM_EXCEEDED.search(text)
+  return float(match.group(1)) * _UNITS[match.group(2)] if match else float("inf")
+
+
+def largest_fitting_batch(planned_bytes, capacity_bytes, step=8, first=16, most=1024,
+                          max_compiles=12):
+  """(largest images per chip, a multiple of ``step``, whose plan fits ``capacity_bytes``;
+  {images per chip: planned bytes} of every compile), with ``planned_bytes(images_per_chip)``
+  one compile each. The plan grows almost linearly with the batch (the state is fixed, the
+  activations grow per image), so each guess is where a line through measured plans crosses the
+  capacity, clamped inside the bracket: on a straight plan, two compiles find the line, one at
+  the predicted batch and one a step above it close the bracket. Stops at ``most`` or after
+  ``max_compiles``."""
+  measured = {}
+  fitting, failing = 0, None  # 0 images always fit; failing: the smallest known not to fit
+
+  def guess():
+    # The line through the two batches planned nearest the capacity; with one batch, the line
+    # through it and 0 bytes at 0 images, whose crossing lies below the true one (the state's
+    # bytes do not grow with the batch), so the next compile still fits.
+    near = sorted(sorted(measured, key=lambda n: abs(measured[n] - capacity_bytes))[:2])
+    (n0, b0), (n1, b1) = ((0, 0.0), (near[0], measured[near[0]])) if len(near) == 1 else (
+        (near[0], measured[near[0]]), (near[1], measured[near[1]]))
+    slope = (b1 - b0) / (n1 - n0) if np.isfinite(b1 - b0) else 0.0
+    if slope > 0:
+      candidate = int((n0 + (capacity_bytes - b0) / slope) // step * step)
+    else:  # no usable line (a refusal without a size): bisect the bracket
+      candidate = (fitting + (failing if failing is not None else 2 * fitting)) // 2 // step * step
+    upper = failing - step if failing is not None else most
+    return min(max(candidate, fitting + step), upper)
+
+  images = max(step, first // step * step)
+  while len(measured) < max_compiles:
+    measured[images] = planned_bytes(images)
+    if measured[images] <= capacity_bytes:
+      fitting = max(fitting, images)
+    else:
+      failing = images if failing is None else min(failing, images)
+    if (failing is not None and failing - fitting <= step) or fitting >= most:
+      break
+    images = guess()
+    if images in measured:
+      break
+  return fitting, dict(sorted(measured.items()))
 
 
 def plan_record(compiled, compile_seconds, chips, batch_size):
@@ -109,8 +202,51 @@ def _flags():
   flags.DEFINE_integer("num_classes", 80, "classes of the model", **define)
   flags.DEFINE_boolean("remat", False, "as model.remat: recompute each layer's insides in the "
                        "backward pass", **define)
+  flags.DEFINE_enum("program", "train", ["train", "detect"], "train: train.py's step; detect: "
+                    "the evaluator's folded detector with NMS", **define)
+  flags.DEFINE_boolean("largest_batch", False, "find the largest images per chip (a multiple of "
+                       "--batch_step) whose plan fits the chip's HBM, starting at --batch_size "
+                       "per chip; a JSON line per compile, then the summary", **define)
+  flags.DEFINE_integer("batch_step", 8, "with --largest_batch: images per chip are multiples of "
+                       "this", lower_bound=1, **define)
+  flags.DEFINE_integer("most_per_chip", 1024, "with --largest_batch: stop there", lower_bound=1,
+                       **define)
   flags.DEFINE_boolean("help", False, "show this help", **define)
   return flag_values
+
+
+def plan(args, batch_size):
+  """One compile of ``args.program`` at the global ``batch_size``: the JSON record. A program
+  XLA:TPU refuses for HBM gives a record with ``fits`` false and the bytes it said it needed."""
+  record = {"topology": args.topology, "program": args.program, "model": args.model,
+            "batch_size": batch_size, "image_size": args.image_size, "dtype": args.dtype}
+  if args.program == "train":
+    record.update(shard_state=args.shard_state, max_boxes=args.max_boxes, remat=args.remat)
+  generation = args.topology.split(":")[0]
+  hbm_bytes = USABLE_HBM_GIB[generation] * 2**30 if generation in USABLE_HBM_GIB else None
+  start = time.perf_counter()
+  try:
+    if args.program == "train":
+      compiled, seconds, chips = compile_train_step(
+          args.topology, args.model, batch_size, args.image_size, args.dtype, args.shard_state,
+          args.max_boxes, args.num_classes, args.remat)
+    else:
+      compiled, seconds, chips = compile_detector(args.topology, args.model, batch_size,
+                                                  args.image_size, args.dtype, args.num_classes)
+  except Exception as error:  # noqa: BLE001 - only XLA:TPU's HBM refusal is an answer
+    needed = exceeded_hbm_bytes(error)
+    if needed is None:
+      raise
+    chips = len(topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices)
+    record.update(chips=chips, images_per_chip=batch_size / chips, planned_bytes_per_chip=needed,
+                  refused_by_compiler=True,
+                  compile_seconds=round(time.perf_counter() - start, 1))
+  else:
+    record.update(plan_record(compiled, seconds, chips, batch_size))
+  if hbm_bytes is not None:
+    record["usable_hbm_bytes_per_chip"] = hbm_bytes
+    record["fits"] = record["planned_bytes_per_chip"] <= hbm_bytes
+  return record
 
 
 def main(argv=None):
@@ -125,21 +261,52 @@ def main(argv=None):
       return None
     if not flag_values.topology:
       raise flags.Error("--topology is required, e.g. --topology=v5e:2x2")
+    if (flag_values.largest_batch and
+        flag_values.topology.split(":")[0] not in USABLE_HBM_GIB):
+      raise flags.Error(f"--largest_batch needs the HBM of {flag_values.topology}'s chips; "
+                        f"known: {', '.join(sorted(USABLE_HBM_GIB))}")
   except flags.Error as error:
     sys.exit(f"python -m yolov9_jax.tpu_plan: {error}")
   args = types.SimpleNamespace(**{name: flag_values[name].value for name in flag_values})
-  compiled, seconds, chips = compile_train_step(
-      args.topology, args.model, args.batch_size, args.image_size, args.dtype, args.shard_state,
-      args.max_boxes, args.num_classes, args.remat)
-  record = {"topology": args.topology, "model": args.model, "batch_size": args.batch_size,
-            "image_size": args.image_size, "dtype": args.dtype, "shard_state": args.shard_state,
-            "max_boxes": args.max_boxes, "remat": args.remat, **plan_record(compiled, seconds, chips, args.batch_size)}
-  generation = args.topology.split(":")[0]
-  if generation in HBM_GIB:
-    record["hbm_bytes_per_chip"] = HBM_GIB[generation] * 2**30
-    record["fits"] = record["planned_bytes_per_chip"] <= record["hbm_bytes_per_chip"]
-  print(json.dumps(record), flush=True)
-  return record
+  if not args.largest_batch:
+    record = plan(args, args.batch_size)
+    print(json.dumps(record), flush=True)
+    return record
+  chips = len(topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices)
+  records = []
+
+  def planned_bytes(images_per_chip):
+    # Each compile in a process of its own: a compiler process keeps most of the host memory it
+    # reached (10-13 GB for gelan-c at 640, measured), so one process compiling several large
+    # batches in turn outgrows the host.
+    command = [sys.executable, "-m", "yolov9_jax.tpu_plan", f"--topology={args.topology}",
+               f"--program={args.program}", f"--model={args.model}",
+               f"--batch_size={images_per_chip * chips}", f"--image_size={args.image_size}",
+               f"--dtype={args.dtype}", f"--shard_state={args.shard_state}",
+               f"--max_boxes={args.max_boxes}", f"--num_classes={args.num_classes}",
+               f"--remat={args.remat}"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+      sys.exit(f"python -m yolov9_jax.tpu_plan: the compile at {images_per_chip} images per "
+               f"chip failed:\n{done.stderr[-3000:]}")
+    records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(json.dumps(records[-1]), flush=True)  # each compile as it ends: they take minutes
+    return records[-1]["planned_bytes_per_chip"]
+
+  largest, measured = largest_fitting_batch(
+      planned_bytes, USABLE_HBM_GIB[args.topology.split(":")[0]] * 2**30, step=args.batch_step,
+      first=max(1, args.batch_size // chips), most=args.most_per_chip)
+  at_largest = next((r for r in records if r["images_per_chip"] == largest), {})
+  summary = {**{key: value for key, value in records[0].items() if key in (
+      "topology", "program", "model", "image_size", "dtype", "shard_state", "max_boxes", "remat",
+      "chips", "usable_hbm_bytes_per_chip")},
+             "largest_images_per_chip": largest, "batch_step": args.batch_step,
+             "planned_bytes_at_largest": at_largest.get("planned_bytes_per_chip"),
+             "bytes_accessed_per_image_at_largest": at_largest.get("bytes_accessed_per_image"),
+             "planned_bytes_by_images_per_chip": measured,
+             "compile_seconds": round(sum(r["compile_seconds"] for r in records), 1)}
+  print(json.dumps(summary), flush=True)
+  return summary
 
 
 if __name__ == "__main__":
