@@ -103,3 +103,19 @@ def test_a_batch_the_tpu_compiler_refuses_for_hbm_is_a_plan_that_does_not_fit(
   assert record["refused_by_compiler"] and not record["fits"]
   assert record["usable_hbm_bytes_per_chip"] == 15.75 * 2**30
   assert 1.2 * record["usable_hbm_bytes_per_chip"] < record["planned_bytes_per_chip"] < 64 * 2**30
+
+
+@pytest.mark.parametrize("message, needed", [
+    # Early: the temporaries alone exceed HBM (the detector at 2048 images of 640 px per v5e chip).
+    ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+     "(24.35G) exceeds available HBM (15.75G).", 24.35 * 2**30),
+    # Late, after scheduling: gelan-c's detector at 480 images of 640 px per v5e chip.
+    ("INTERNAL: ... Ran out of memory in memory space hbm. Used 15.75G of 15.75G hbm. Exceeded hbm "
+     "capacity by 7.95M.\n\nTotal hbm usage >= 16.00...[truncated]", 15.75 * 2**30 + 7.95 * 2**20),
+    ("RESOURCE_EXHAUSTED: out of HBM", float("inf")),
+    ("INVALID_ARGUMENT: unexpected worker hostname", None),
+    ("RESOURCE_EXHAUSTED: Out of host memory", None),
+])
+def test_the_tpu_compilers_hbm_refusals_are_read_as_the_bytes_they_name(message, needed):
+  from yolov9_jax.tpu_plan import exceeded_hbm_bytes
+  assert exceeded_hbm_bytes(RuntimeError(message)) == needed

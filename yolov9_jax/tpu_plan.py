@@ -106,22 +106,32 @@ def compile_detector(topology_name, model_name, batch_size, image_size, dtype="b
   return compiled, time.perf_counter() - start, mesh.size
 
 
-# XLA:TPU refuses to compile a program that does not fit a device's HBM, naming what it needed:
-# "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries
-# (24.35G) exceeds available HBM (15.75G)." (libtpu 0.0.42.1).
-_HBM_EXCEEDED = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\) exceeds "
-                           r"available HBM \(([0-9.]+)([KMGT])\)")
+# XLA:TPU refuses to compile a program that does not fit a device's HBM, naming what it needed,
+# in one of two messages (libtpu 0.0.42.1): early, from the temporaries alone, "RESOURCE_EXHAUSTED:
+# Ran out of memory on HBM, the total memory required for HLO temporaries (24.35G) exceeds
+# available HBM (15.75G)."; late, after scheduling a batch near the limit, "Ran out of memory in
+# memory space hbm. Used 15.75G of 15.75G hbm. Exceeded hbm capacity by 7.95M.".
+_TEMPORARIES_EXCEED_HBM = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\) exceeds "
+                                     r"available HBM")
+_EXCEEDED_HBM_CAPACITY = re.compile(r"of ([0-9.]+)([KMGT]) hbm\. Exceeded hbm capacity by "
+                                    r"([0-9.]+)([KMGT])")
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def exceeded_hbm_bytes(error):
-  """The bytes per chip XLA:TPU said a program needs when it refused it for HBM; None where
-  ``error`` is not such a refusal."""
+  """The bytes per chip XLA:TPU said a program needs when it refused it for HBM (infinite where
+  the refusal names no size); None where ``error`` is not such a refusal."""
   text = str(error)
-  if "RESOURCE_EXHAUSTED" not in text or "HBM" not in text:
+  if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
     return None
-  match = _HBM_EXCEEDED.search(text)
-  return float(match.group(1)) * _UNITS[match.group(2)] if match else float("inf")
+  if "hbm" not in text.lower():
+    return None
+  if match := _TEMPORARIES_EXCEED_HBM.search(text):
+    return float(match.group(1)) * _UNITS[match.group(2)]
+  if match := _EXCEEDED_HBM_CAPACITY.search(text):
+    return (float(match.group(1)) * _UNITS[match.group(2)] +
+            float(match.group(3)) * _UNITS[match.group(4)])
+  return float("inf")
 
 
 def largest_fitting_batch(planned_bytes, capacity_bytes, step=8, first=16, most=1024,
