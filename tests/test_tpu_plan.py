@@ -109,7 +109,8 @@ def test_a_batch_the_tpu_compiler_refuses_for_hbm_is_a_plan_that_does_not_fit(
     # Early: the temporaries alone exceed HBM (the detector at 2048 images of 640 px per v5e chip).
     ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
      "(24.35G) exceeds available HBM (15.75G).", 24.35 * 2**30),
-    # Late, after scheduling: gelan-c's detector at 480 images of 640 px per v5e chip.
+    # Late, after scheduling: gelan-c's detector at 480 images of 640 px per v5e chip (its status
+    # prefix was cut off in the captured stderr; the parser does not depend on it).
     ("INTERNAL: ... Ran out of memory in memory space hbm. Used 15.75G of 15.75G hbm. Exceeded hbm "
      "capacity by 7.95M.\n\nTotal hbm usage >= 16.00...[truncated]", 15.75 * 2**30 + 7.95 * 2**20),
     ("RESOURCE_EXHAUSTED: out of HBM", float("inf")),

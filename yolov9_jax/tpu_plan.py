@@ -122,15 +122,17 @@ def exceeded_hbm_bytes(error):
   """The bytes per chip XLA:TPU said a program needs when it refused it for HBM (infinite where
   the refusal names no size); None where ``error`` is not such a refusal."""
   text = str(error)
-  if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+  if ("RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text) or (
+      "hbm" not in text.lower()):
     return None
-  if "hbm" not in text.lower():
-    return None
+
+  def size(number, unit):
+    return float(number) * _UNITS[unit]
+
   if match := _TEMPORARIES_EXCEED_HBM.search(text):
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    return size(*match.groups())
   if match := _EXCEEDED_HBM_CAPACITY.search(text):
-    return (float(match.group(1)) * _UNITS[match.group(2)] +
-            float(match.group(3)) * _UNITS[match.group(4)])
+    return size(*match.groups()[:2]) + size(*match.groups()[2:])
   return float("inf")
 
 
