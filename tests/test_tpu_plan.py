@@ -95,6 +95,38 @@ def test_the_largest_batch_search_finds_the_boundary_in_few_compiles(name, plann
     assert planned_bytes(largest + 8) > 16 * GiB and largest + 8 in measured
 
 
+@pytest.mark.parametrize("smallest_refused", [8, 16, 24, 72, 128, 136, 400, 1016, 1024, None])
+def test_the_upper_bound_search_finds_the_smallest_refused_batch_in_few_probes(smallest_refused):
+  from yolov9_jax.tpu_plan import smallest_refused_batch
+  for first in (8, 16, 100, 1024):
+    probes = []
+
+    def refused(n):
+      probes.append(n)
+      return smallest_refused is not None and n >= smallest_refused
+
+    bound, probed = smallest_refused_batch(refused, step=8, first=first, most=1024)
+    assert bound == smallest_refused, (first, probes)
+    assert len(probes) == len(set(probes)) <= 15 and sorted(probed) == sorted(probes)
+    assert all(n % 8 == 0 and 8 <= n <= 1024 for n in probes)
+    # Proven by probes: the bound was refused and a step below it was not (or is below 8).
+    if bound is not None:
+      assert probed[bound] and (bound == 8 or probed[bound - 8] is False), (first, probes)
+
+
+def test_the_upper_bound_is_a_batch_the_tpu_compiler_refused_above_one_it_did_not(
+    libtpu_path, one_subprocess_test_at_a_time):
+  # gelan-c's detector at 640 on v5e: XLA:TPU refuses 488 images per chip and more within
+  # seconds (libtpu 0.0.42.1) and compiles 464 in minutes, so probes stopped after 45 s bound the
+  # largest at 512 in steps of 64: 448 passes (stopped), 896, 640 and 512 are refused.
+  summary = _plan(libtpu_path, "--program=detect", "--model=gelan-c", "--image_size=640",
+                  "--batch_size=1792", "--upper_bound", "--batch_step=64", "--probe_seconds=45")
+  assert summary["smallest_refused_images_per_chip"] == 512
+  assert summary["refused_by_images_per_chip"] == {
+      "448": False, "512": True, "640": True, "896": True}
+  assert summary["largest_compiled_fitting_images_per_chip"] is None
+
+
 def test_a_batch_the_tpu_compiler_refuses_for_hbm_is_a_plan_that_does_not_fit(
     libtpu_path, one_subprocess_test_at_a_time):
   # 2048 images of 640 px per chip: XLA:TPU refuses the detector for v5e's HBM in seconds, and

@@ -20,7 +20,10 @@ it is a static count), and the compile time. Compiling yolov9-c at 640 takes min
 ``--program=detect`` compiles the evaluator's detector instead (eval.py's folded main branch with
 NMS, batch split over the chips). ``--largest_batch`` searches the largest images per chip (a
 multiple of ``--batch_step``) whose plan fits the chip's HBM, from ``--batch_size`` per chip:
-a JSON line per compile, then a summary line; a straight plan takes four compiles.
+a JSON line per compile, then a summary line; a straight plan takes four compiles. Near the
+limit each compile takes minutes (yolov9-c: 15-25), so ``--upper_bound`` bounds it from above
+in a few minutes: the smallest batch XLA:TPU refuses for HBM, where a refusal comes in seconds
+and a probe still compiling after ``--probe_seconds`` is taken to have passed.
 """
 import json
 import os
@@ -178,6 +181,32 @@ def largest_fitting_batch(planned_bytes, capacity_bytes, step=8, first=16, most=
   return fitting, dict(sorted(measured.items()))
 
 
+def smallest_refused_batch(refused, step=8, first=16, most=1024, max_probes=16):
+  """(smallest images per chip, a multiple of ``step``, that ``refused(images_per_chip)`` says
+  does not fit, or None up to ``most``; {images per chip: refused} of every probe). Doubles from
+  ``first`` until a batch is refused, then bisects between the largest not refused and the
+  smallest refused. With fits growing monotonically in the batch, the answer is an upper bound
+  of the largest batch that fits (one step below it may still not fit: see --upper_bound)."""
+  probed = {}
+  passed, failing = 0, None
+  images = max(step, first // step * step)
+  while len(probed) < max_probes and images not in probed:
+    probed[images] = bool(refused(images))
+    if probed[images]:
+      failing = images if failing is None else min(failing, images)
+    else:
+      passed = max(passed, images)
+    if failing is None:
+      if images >= most:
+        break
+      images = min(2 * images, most // step * step)
+    elif failing - passed <= step:
+      break
+    else:
+      images = passed + max(step, (failing - passed) // 2 // step * step)
+  return failing, dict(sorted(probed.items()))
+
+
 def plan_record(compiled, compile_seconds, chips, batch_size):
   """The per-chip numbers of a compiled step (see the module docstring)."""
   memory = compiled.memory_analysis()
@@ -223,6 +252,14 @@ def _flags():
                        "this", lower_bound=1, **define)
   flags.DEFINE_integer("most_per_chip", 1024, "with --largest_batch: stop there", lower_bound=1,
                        **define)
+  flags.DEFINE_boolean("upper_bound", False, "cheaply bound the largest images per chip from "
+                       "above: the smallest (a multiple of --batch_step) XLA:TPU refuses for HBM, "
+                       "each probe stopped after --probe_seconds (a probe still compiling then "
+                       "has passed the compiler's first HBM check); a JSON line per probe, then "
+                       "the summary", **define)
+  flags.DEFINE_integer("probe_seconds", 180, "with --upper_bound: stop each probe after this; "
+                       "above the time XLA:TPU takes to refuse (yolov9-c at 640: 56 s here)",
+                       lower_bound=1, **define)
   flags.DEFINE_boolean("help", False, "show this help", **define)
   return flag_values
 
@@ -261,6 +298,62 @@ def plan(args, batch_size):
   return record
 
 
+def _plan_in_subprocess(args, batch_size, timeout_seconds=None):
+  """``plan`` at the global ``batch_size`` in a process of its own (a compiler process keeps most
+  of the host memory it reached, 10-13 GB for gelan-c at 640, measured, so one process compiling
+  several large batches in turn outgrows the host). None where it ran past ``timeout_seconds``
+  (the process is killed)."""
+  command = [sys.executable, "-m", "yolov9_jax.tpu_plan", f"--topology={args.topology}",
+             f"--program={args.program}", f"--model={args.model}", f"--batch_size={batch_size}",
+             f"--image_size={args.image_size}", f"--dtype={args.dtype}",
+             f"--shard_state={args.shard_state}", f"--max_boxes={args.max_boxes}",
+             f"--num_classes={args.num_classes}", f"--remat={args.remat}"]
+  try:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_seconds)
+  except subprocess.TimeoutExpired:  # subprocess.run has killed the compile
+    return None
+  if done.returncode:
+    sys.exit(f"python -m yolov9_jax.tpu_plan: the compile of a global batch of {batch_size} "
+             f"failed:\n{done.stderr[-3000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _upper_bound(args, chips):
+  """--upper_bound: the smallest images per chip XLA:TPU refuses (or plans beyond the usable HBM)
+  within --probe_seconds per probe. A refusal for HBM comes early (2-60 s at 640 here: yolov9-c's
+  in 56 s) unless the batch is near the limit, where the compiler first schedules for minutes;
+  so the bound is a batch shown not to fit, and the largest that fits lies below it."""
+  records = []
+
+  def refused(images_per_chip):
+    start = time.perf_counter()
+    record = _plan_in_subprocess(args, images_per_chip * chips, args.probe_seconds)
+    if record is None:
+      record = {"images_per_chip": float(images_per_chip), "refused_by_compiler": False,
+                "passed_first_hbm_check": True,
+                "compile_seconds": round(time.perf_counter() - start, 1)}
+    records.append(record)
+    print(json.dumps(record), flush=True)
+    return "fits" in record and not record["fits"]
+
+  bound, probed = smallest_refused_batch(refused, step=args.batch_step,
+                                         first=max(1, args.batch_size // chips),
+                                         most=args.most_per_chip)
+  largest_fitting = max((r["images_per_chip"] for r in records if r.get("fits")), default=None)
+  summary = {"topology": args.topology, "program": args.program, "model": args.model,
+             "image_size": args.image_size, "dtype": args.dtype, "chips": chips,
+             **({"shard_state": args.shard_state, "max_boxes": args.max_boxes,
+                 "remat": args.remat} if args.program == "train" else {}),
+             "usable_hbm_bytes_per_chip": USABLE_HBM_GIB[args.topology.split(":")[0]] * 2**30,
+             "smallest_refused_images_per_chip": bound,
+             "largest_compiled_fitting_images_per_chip": largest_fitting and int(largest_fitting),
+             "batch_step": args.batch_step, "probe_seconds": args.probe_seconds,
+             "refused_by_images_per_chip": probed,
+             "seconds": round(sum(r["compile_seconds"] for r in records), 1)}
+  print(json.dumps(summary), flush=True)
+  return summary
+
+
 def main(argv=None):
   import types
 
@@ -273,35 +366,27 @@ def main(argv=None):
       return None
     if not flag_values.topology:
       raise flags.Error("--topology is required, e.g. --topology=v5e:2x2")
-    if (flag_values.largest_batch and
+    if flag_values.largest_batch and flag_values.upper_bound:
+      raise flags.Error("--largest_batch and --upper_bound are two searches: give one")
+    if ((flag_values.largest_batch or flag_values.upper_bound) and
         flag_values.topology.split(":")[0] not in USABLE_HBM_GIB):
-      raise flags.Error(f"--largest_batch needs the HBM of {flag_values.topology}'s chips; "
+      search = "--largest_batch" if flag_values.largest_batch else "--upper_bound"
+      raise flags.Error(f"{search} needs the HBM of {flag_values.topology}'s chips; "
                         f"known: {', '.join(sorted(USABLE_HBM_GIB))}")
   except flags.Error as error:
     sys.exit(f"python -m yolov9_jax.tpu_plan: {error}")
   args = types.SimpleNamespace(**{name: flag_values[name].value for name in flag_values})
-  if not args.largest_batch:
+  if not (args.largest_batch or args.upper_bound):
     record = plan(args, args.batch_size)
     print(json.dumps(record), flush=True)
     return record
   chips = len(topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices)
+  if args.upper_bound:
+    return _upper_bound(args, chips)
   records = []
 
   def planned_bytes(images_per_chip):
-    # Each compile in a process of its own: a compiler process keeps most of the host memory it
-    # reached (10-13 GB for gelan-c at 640, measured), so one process compiling several large
-    # batches in turn outgrows the host.
-    command = [sys.executable, "-m", "yolov9_jax.tpu_plan", f"--topology={args.topology}",
-               f"--program={args.program}", f"--model={args.model}",
-               f"--batch_size={images_per_chip * chips}", f"--image_size={args.image_size}",
-               f"--dtype={args.dtype}", f"--shard_state={args.shard_state}",
-               f"--max_boxes={args.max_boxes}", f"--num_classes={args.num_classes}",
-               f"--remat={args.remat}"]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-      sys.exit(f"python -m yolov9_jax.tpu_plan: the compile at {images_per_chip} images per "
-               f"chip failed:\n{done.stderr[-3000:]}")
-    records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    records.append(_plan_in_subprocess(args, images_per_chip * chips))
     print(json.dumps(records[-1]), flush=True)  # each compile as it ends: they take minutes
     return records[-1]["planned_bytes_per_chip"]
 
