@@ -22,8 +22,9 @@ NMS, batch split over the chips). ``--largest_batch`` searches the largest image
 multiple of ``--batch_step``) whose plan fits the chip's HBM, from ``--batch_size`` per chip:
 a JSON line per compile, then a summary line; a straight plan takes four compiles. Near the
 limit each compile takes minutes (yolov9-c: 15-25), so ``--upper_bound`` bounds it from above
-in a few minutes: the smallest batch XLA:TPU refuses for HBM, where a refusal comes in seconds
-and a probe still compiling after ``--probe_seconds`` is taken to have passed.
+in minutes: the smallest batch XLA:TPU refuses for HBM, as a refusal comes before scheduling
+(27-181 s at 640 here) and a probe still compiling after ``--probe_seconds`` is taken to have
+passed.
 """
 import json
 import os
@@ -257,8 +258,9 @@ def _flags():
                        "each probe stopped after --probe_seconds (a probe still compiling then "
                        "has passed the compiler's first HBM check); a JSON line per probe, then "
                        "the summary", **define)
-  flags.DEFINE_integer("probe_seconds", 180, "with --upper_bound: stop each probe after this; "
-                       "above the time XLA:TPU takes to refuse (yolov9-c at 640: 56 s here)",
+  flags.DEFINE_integer("probe_seconds", 240, "with --upper_bound: stop each probe after this; "
+                       "above the time XLA:TPU takes to refuse (at 640 here: yolov9-c 37-122 s, "
+                       "yolov9-e 76-181 s)",
                        lower_bound=1, **define)
   flags.DEFINE_boolean("help", False, "show this help", **define)
   return flag_values
@@ -320,9 +322,10 @@ def _plan_in_subprocess(args, batch_size, timeout_seconds=None):
 
 def _upper_bound(args, chips):
   """--upper_bound: the smallest images per chip XLA:TPU refuses (or plans beyond the usable HBM)
-  within --probe_seconds per probe. A refusal for HBM comes early (2-60 s at 640 here: yolov9-c's
-  in 56 s) unless the batch is near the limit, where the compiler first schedules for minutes;
-  so the bound is a batch shown not to fit, and the largest that fits lies below it."""
+  within --probe_seconds per probe. A refusal for HBM comes before scheduling (27-181 s at 640
+  here, the most for yolov9-e on v6e) unless the batch is near the limit, where the compiler
+  first schedules for minutes; so the bound is a batch shown not to fit, and the largest that
+  fits lies below it."""
   records = []
 
   def refused(images_per_chip):
