@@ -50,21 +50,55 @@ def gelan_t_20_classes():
   return model, variables
 
 
+def _subprocess_slot_files(tmp_path_factory):
+  # Every worker's base temp lies in one run folder (pytest-N/popen-gwK): the slots are there.
+  run_folder = tmp_path_factory.getbasetemp().parent
+  return [run_folder / f"subprocess_slot_{index}.lock" for index in range(2)]
+
+
 @pytest.fixture
-def one_subprocess_test_at_a_time(tmp_path_factory):
-  """For tests that run the programs in subprocesses (two jax.distributed processes, a run beside
-  a storage emulator, the newcomer's table, the TPU plan, the bench): they take turns across the
-  two pytest workers. Two at once put four compiling processes on two cores, and each ran past its
-  own timeout in CI; with the workers' own memory they also went past this machine's 24 GiB."""
+def a_subprocess_slot(tmp_path_factory):
+  """For tests that run one program at a time in a subprocess (a run beside a storage emulator,
+  README's commands, the newcomer's table, the TPU plan, the bench): one of two slots, so two such
+  tests may run at once, one per pytest worker, as two compiling processes on two cores. A worker
+  that finds both slots taken waits (a blocked worker would otherwise idle while the other ran,
+  which was a third of the suite's time when these tests took strict turns)."""
   import fcntl
-  # Every worker's base temp lies in one run folder (pytest-N/popen-gwK): the lock is there.
-  lock_path = tmp_path_factory.getbasetemp().parent / "subprocess_tests.lock"
-  with open(lock_path, "a") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
+  import time
+  files = [open(path, "a") for path in _subprocess_slot_files(tmp_path_factory)]
+  try:
+    while True:
+      for file in files:
+        try:
+          fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+          continue
+        try:
+          yield
+        finally:
+          fcntl.flock(file, fcntl.LOCK_UN)
+        return
+      time.sleep(0.5)
+  finally:
+    for file in files:
+      file.close()
+
+
+@pytest.fixture
+def every_subprocess_slot(tmp_path_factory):
+  """For tests whose subprocesses want the machine to themselves: two jax.distributed processes
+  (two of those tests at once put four compiling processes on two cores, each ran past its own
+  timeout in CI, and with the workers' own memory they went past this machine's 24 GiB), and
+  tests that time a compile or a pool of workers. Both slots, taken in a fixed order."""
+  import fcntl
+  files = [open(path, "a") for path in _subprocess_slot_files(tmp_path_factory)]
+  try:
+    for file in files:
+      fcntl.flock(file, fcntl.LOCK_EX)
+    yield
+  finally:
+    for file in files:
+      file.close()  # closing releases the lock
 
 
 @pytest.fixture(scope="module", autouse=True)

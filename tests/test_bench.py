@@ -85,7 +85,7 @@ def test_synthetic_batch_is_a_valid_training_batch():
   assert 0 <= batch["classes"].min() and batch["classes"].max() < 5
 
 
-def test_the_command_reports_every_benchmark(tmp_path, one_subprocess_test_at_a_time):
+def test_the_command_reports_every_benchmark(tmp_path, a_subprocess_slot):
   """``python -m yolov9_jax.bench`` at 64 px, batch 2, one CPU device: one JSON line per
   benchmark with every field, rates that agree with each other, a profile of each, and the
   markdown table."""
@@ -125,7 +125,7 @@ def test_the_command_reports_every_benchmark(tmp_path, one_subprocess_test_at_a_
   assert "| train_pipeline | gelan-t | 2 | 64 | float32 | cpu |" in table[-1]
 
 
-def test_the_input_pipeline_benchmark_prints_its_rates(tmp_path, one_subprocess_test_at_a_time):
+def test_the_input_pipeline_benchmark_prints_its_rates(tmp_path, every_subprocess_slot):
   done = subprocess.run(
       [sys.executable, str(REPO_ROOT / "benchmarks" / "input_pipeline.py"), "--images=8",
        "--batches=2", "--batch_size=4", "--max_workers=2"],

@@ -216,7 +216,7 @@ def _exported_names(prefix):
 
 
 def test_readmes_commands_train_eval_detect_and_export_a_yolo_and_a_coco_dataset(
-    tmp_path, gelan_t_20_classes, one_subprocess_test_at_a_time):
+    tmp_path, gelan_t_20_classes, a_subprocess_slot):
   """Only the command line, as a user runs it: README's three commands on a YOLO folder (with an
   unreadable image, a box beyond the edge, a polygon line), fine-tuning from official-layout
   weights of another number of classes; then the same on COCO JSONs with sparse ids; export.py

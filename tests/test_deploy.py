@@ -197,7 +197,7 @@ def test_bad_requests_are_clear_errors(variables, tmp_path):
 
 
 def test_export_py_writes_an_onnx_that_detect_py_runs(variables, images, tmp_path,
-                                                      one_subprocess_test_at_a_time):
+                                                      a_subprocess_slot):
   """The command line: export.py --format=onnx from a weights file, then detect.py
   --weights=model.onnx on two pictures: the class names come from the file's metadata."""
   import flax

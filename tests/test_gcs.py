@@ -52,7 +52,7 @@ def gcs_server():
     yield server
 
 
-def test_train_resume_evaluate_and_export_on_gs(gcs_server, tmp_path, one_subprocess_test_at_a_time):
+def test_train_resume_evaluate_and_export_on_gs(gcs_server, tmp_path, a_subprocess_slot):
   tests = REPO_ROOT / "tests"
   script = _SCRIPT.format(repo=str(REPO_ROOT), tests=str(tests), local_data=str(tmp_path / "local"))
   done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,

@@ -36,7 +36,7 @@ def _run(program, *flags, timeout=900):
 
 
 def test_an_eleventh_architecture_trains_evaluates_detects_and_exports(tmp_path,
-                                                                    one_subprocess_test_at_a_time):
+                                                                    a_subprocess_slot):
   data_dir, workdir = tmp_path / "data", tmp_path / "run"
   out = _run("train.py", "--config=configs/shapes_demo.py", f"--workdir={workdir}",
              "--config.model.name=gelan-n", f"--config.data.data_dir={data_dir}",

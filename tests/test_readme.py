@@ -90,7 +90,7 @@ def _demo_commands(script):
 @pytest.mark.skipif(not (DEMO_WORKDIR / "metrics.jsonl").exists(),
                     reason="runs after the demo (python train.py), as in CI")
 def test_the_readme_commands_on_the_demo_run_and_eval_prints_the_demos_numbers(
-    tmp_path, one_subprocess_test_at_a_time):
+    tmp_path, a_subprocess_slot):
   """eval.py on the demo's workdir, with README's flags, gives the demo's final evaluation:
   the same weights, protocol and annotations (AP_small etc. included); detect.py and export.py
   write their files."""

@@ -41,7 +41,7 @@ def _plan(libtpu_path, *flags):
 
 
 def test_the_train_step_compiles_for_a_tpu_slice_and_fsdp_cuts_the_state_per_chip(
-    libtpu_path, one_subprocess_test_at_a_time):
+    libtpu_path, a_subprocess_slot):
   replicated, sharded = _plan(libtpu_path), _plan(libtpu_path, "--shard_state")
   for record in (replicated, sharded):
     assert record["chips"] == 4 and record["images_per_chip"] == 2
@@ -54,7 +54,7 @@ def test_the_train_step_compiles_for_a_tpu_slice_and_fsdp_cuts_the_state_per_chi
   assert sharded["argument_bytes"] < 0.4 * replicated["argument_bytes"]
 
 
-def test_the_evaluators_detector_compiles_for_a_tpu_slice(libtpu_path, one_subprocess_test_at_a_time):
+def test_the_evaluators_detector_compiles_for_a_tpu_slice(libtpu_path, a_subprocess_slot):
   record = _plan(libtpu_path, "--program=detect")
   assert record["program"] == "detect" and record["chips"] == 4 and record["fits"]
   # The fused weights (replicated) are the arguments; the outputs are 300 detections per image.
@@ -115,7 +115,7 @@ def test_the_upper_bound_search_finds_the_smallest_refused_batch_in_few_probes(s
 
 
 def test_the_upper_bound_is_a_batch_the_tpu_compiler_refused_above_one_it_did_not(
-    libtpu_path, one_subprocess_test_at_a_time):
+    libtpu_path, every_subprocess_slot):
   # gelan-c's detector at 640 on v5e: XLA:TPU refuses 488 images per chip and more within
   # seconds (libtpu 0.0.42.1) and compiles 464 in minutes, so probes stopped after 45 s bound the
   # largest at 512 in steps of 64: 448 passes (stopped), 896, 640 and 512 are refused.
@@ -128,7 +128,7 @@ def test_the_upper_bound_is_a_batch_the_tpu_compiler_refused_above_one_it_did_no
 
 
 def test_a_batch_the_tpu_compiler_refuses_for_hbm_is_a_plan_that_does_not_fit(
-    libtpu_path, one_subprocess_test_at_a_time):
+    libtpu_path, a_subprocess_slot):
   # 2048 images of 640 px per chip: XLA:TPU refuses the detector for v5e's HBM in seconds, and
   # its message gives the bytes it needed (24.35 GiB with libtpu 0.0.42.1).
   record = _plan(libtpu_path, "--program=detect", "--batch_size=8192", "--image_size=640")

@@ -278,7 +278,7 @@ print("finished")
 
 
 def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout_and_both_resume(
-    straight_run, tmp_path, one_subprocess_test_at_a_time):
+    straight_run, tmp_path, every_subprocess_slot):
   config, _, _, _ = straight_run
   workdir, heartbeat = tmp_path / "run", 10
   processes = _start_two_processes(_KILLABLE, config, workdir, heartbeat=heartbeat)
@@ -310,8 +310,8 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout_and_both_
     assert f"resumed from {workdir} at step {last}" in output and "finished" in output, output[-3000:]
 
 
-def test_two_processes_with_sharded_state_evaluate_save_resume_and_export(straight_run, tmp_path,
-                                                                           one_subprocess_test_at_a_time):
+def test_two_processes_with_sharded_state_evaluate_save_resume_and_export(
+    straight_run, tmp_path, every_subprocess_slot):
   """train.shard_state across processes: no process holds the whole EMA; the evaluation gathers
   it, the checkpoints (last and best) are written by both, resumed by both, and read back whole
   by one process for export."""
