@@ -62,6 +62,21 @@ def test_the_evaluators_detector_compiles_for_a_tpu_slice(libtpu_path, a_subproc
   assert record["flops_per_chip"] > 0 and record["bytes_accessed_per_image"] > 0
 
 
+def test_the_largest_batch_command_reports_the_compile_at_the_largest(libtpu_path, a_subprocess_slot):
+  # gelan-t's detector at 64 px plans about 20 MB per chip: 2 and then 4 images per chip fit,
+  # and the search stops at --most_per_chip (two compiles, seconds each).
+  summary = _plan(libtpu_path, "--program=detect", "--largest_batch", "--batch_step=2",
+                  "--most_per_chip=4")
+  assert {key: summary[key] for key in ("topology", "program", "model", "image_size", "chips")} == {
+      "topology": "v5e:2x2", "program": "detect", "model": "gelan-t", "image_size": 64, "chips": 4}
+  assert "remat" not in summary  # a training setting: not the detector's
+  assert summary["largest_images_per_chip"] == 4
+  planned = summary["planned_bytes_by_images_per_chip"]
+  assert sorted(planned) == ["2", "4"] and summary["planned_bytes_at_largest"] == planned["4"]
+  assert planned["2"] <= planned["4"] < summary["usable_hbm_bytes_per_chip"]
+  assert summary["bytes_accessed_per_image_at_largest"] > 0
+
+
 GiB = 2**30
 
 

@@ -266,15 +266,26 @@ def _flags():
   return flag_values
 
 
+def _setting(args):
+  """What a compile was of, as each record and each search's summary names it."""
+  setting = {"topology": args.topology, "program": args.program, "model": args.model,
+             "image_size": args.image_size, "dtype": args.dtype}
+  if args.program == "train":
+    setting.update(shard_state=args.shard_state, max_boxes=args.max_boxes, remat=args.remat)
+  return setting
+
+
+def _usable_hbm_bytes(topology_name):
+  """The HBM per chip a program may plan for on ``topology_name``; None for an unknown chip."""
+  generation = topology_name.split(":")[0]
+  return USABLE_HBM_GIB[generation] * 2**30 if generation in USABLE_HBM_GIB else None
+
+
 def plan(args, batch_size):
   """One compile of ``args.program`` at the global ``batch_size``: the JSON record. A program
   XLA:TPU refuses for HBM gives a record with ``fits`` false and the bytes it said it needed."""
-  record = {"topology": args.topology, "program": args.program, "model": args.model,
-            "batch_size": batch_size, "image_size": args.image_size, "dtype": args.dtype}
-  if args.program == "train":
-    record.update(shard_state=args.shard_state, max_boxes=args.max_boxes, remat=args.remat)
-  generation = args.topology.split(":")[0]
-  hbm_bytes = USABLE_HBM_GIB[generation] * 2**30 if generation in USABLE_HBM_GIB else None
+  record = {**_setting(args), "batch_size": batch_size}
+  hbm_bytes = _usable_hbm_bytes(args.topology)
   start = time.perf_counter()
   try:
     if args.program == "train":
@@ -320,6 +331,31 @@ def _plan_in_subprocess(args, batch_size, timeout_seconds=None):
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _largest_batch(args, chips):
+  """--largest_batch: the largest images per chip whose full compile plans within the usable HBM,
+  found with few compiles (each takes minutes)."""
+  records = []
+
+  def planned_bytes(images_per_chip):
+    records.append(_plan_in_subprocess(args, images_per_chip * chips))
+    print(json.dumps(records[-1]), flush=True)  # each compile as it ends: they take minutes
+    return records[-1]["planned_bytes_per_chip"]
+
+  largest, measured = largest_fitting_batch(
+      planned_bytes, _usable_hbm_bytes(args.topology), step=args.batch_step,
+      first=max(1, args.batch_size // chips), most=args.most_per_chip)
+  at_largest = next((r for r in records if r["images_per_chip"] == largest), {})
+  summary = {**_setting(args), "chips": chips,
+             "usable_hbm_bytes_per_chip": _usable_hbm_bytes(args.topology),
+             "largest_images_per_chip": largest, "batch_step": args.batch_step,
+             "planned_bytes_at_largest": at_largest.get("planned_bytes_per_chip"),
+             "bytes_accessed_per_image_at_largest": at_largest.get("bytes_accessed_per_image"),
+             "planned_bytes_by_images_per_chip": measured,
+             "compile_seconds": round(sum(r["compile_seconds"] for r in records), 1)}
+  print(json.dumps(summary), flush=True)
+  return summary
+
+
 def _upper_bound(args, chips):
   """--upper_bound: the smallest images per chip XLA:TPU refuses (or plans beyond the usable HBM)
   within --probe_seconds per probe. A refusal for HBM comes before scheduling (27-181 s at 640
@@ -343,11 +379,8 @@ def _upper_bound(args, chips):
                                          first=max(1, args.batch_size // chips),
                                          most=args.most_per_chip)
   largest_fitting = max((r["images_per_chip"] for r in records if r.get("fits")), default=None)
-  summary = {"topology": args.topology, "program": args.program, "model": args.model,
-             "image_size": args.image_size, "dtype": args.dtype, "chips": chips,
-             **({"shard_state": args.shard_state, "max_boxes": args.max_boxes,
-                 "remat": args.remat} if args.program == "train" else {}),
-             "usable_hbm_bytes_per_chip": USABLE_HBM_GIB[args.topology.split(":")[0]] * 2**30,
+  summary = {**_setting(args), "chips": chips,
+             "usable_hbm_bytes_per_chip": _usable_hbm_bytes(args.topology),
              "smallest_refused_images_per_chip": bound,
              "largest_compiled_fitting_images_per_chip": largest_fitting and int(largest_fitting),
              "batch_step": args.batch_step, "probe_seconds": args.probe_seconds,
@@ -372,7 +405,7 @@ def main(argv=None):
     if flag_values.largest_batch and flag_values.upper_bound:
       raise flags.Error("--largest_batch and --upper_bound are two searches: give one")
     if ((flag_values.largest_batch or flag_values.upper_bound) and
-        flag_values.topology.split(":")[0] not in USABLE_HBM_GIB):
+        _usable_hbm_bytes(flag_values.topology) is None):
       search = "--largest_batch" if flag_values.largest_batch else "--upper_bound"
       raise flags.Error(f"{search} needs the HBM of {flag_values.topology}'s chips; "
                         f"known: {', '.join(sorted(USABLE_HBM_GIB))}")
@@ -384,29 +417,7 @@ def main(argv=None):
     print(json.dumps(record), flush=True)
     return record
   chips = len(topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices)
-  if args.upper_bound:
-    return _upper_bound(args, chips)
-  records = []
-
-  def planned_bytes(images_per_chip):
-    records.append(_plan_in_subprocess(args, images_per_chip * chips))
-    print(json.dumps(records[-1]), flush=True)  # each compile as it ends: they take minutes
-    return records[-1]["planned_bytes_per_chip"]
-
-  largest, measured = largest_fitting_batch(
-      planned_bytes, USABLE_HBM_GIB[args.topology.split(":")[0]] * 2**30, step=args.batch_step,
-      first=max(1, args.batch_size // chips), most=args.most_per_chip)
-  at_largest = next((r for r in records if r["images_per_chip"] == largest), {})
-  summary = {**{key: value for key, value in records[0].items() if key in (
-      "topology", "program", "model", "image_size", "dtype", "shard_state", "max_boxes", "remat",
-      "chips", "usable_hbm_bytes_per_chip")},
-             "largest_images_per_chip": largest, "batch_step": args.batch_step,
-             "planned_bytes_at_largest": at_largest.get("planned_bytes_per_chip"),
-             "bytes_accessed_per_image_at_largest": at_largest.get("bytes_accessed_per_image"),
-             "planned_bytes_by_images_per_chip": measured,
-             "compile_seconds": round(sum(r["compile_seconds"] for r in records), 1)}
-  print(json.dumps(summary), flush=True)
-  return summary
+  return (_upper_bound if args.upper_bound else _largest_batch)(args, chips)
 
 
 if __name__ == "__main__":
