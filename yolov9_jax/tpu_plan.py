@@ -281,6 +281,12 @@ def _usable_hbm_bytes(topology_name):
   return USABLE_HBM_GIB[generation] * 2**30 if generation in USABLE_HBM_GIB else None
 
 
+def _search_setting(args, chips):
+  """What a batch search was of: the compile's setting, the slice's chips and their usable HBM."""
+  return {**_setting(args), "chips": chips,
+          "usable_hbm_bytes_per_chip": _usable_hbm_bytes(args.topology)}
+
+
 def plan(args, batch_size):
   """One compile of ``args.program`` at the global ``batch_size``: the JSON record. A program
   XLA:TPU refuses for HBM gives a record with ``fits`` false and the bytes it said it needed."""
@@ -345,8 +351,7 @@ def _largest_batch(args, chips):
       planned_bytes, _usable_hbm_bytes(args.topology), step=args.batch_step,
       first=max(1, args.batch_size // chips), most=args.most_per_chip)
   at_largest = next((r for r in records if r["images_per_chip"] == largest), {})
-  summary = {**_setting(args), "chips": chips,
-             "usable_hbm_bytes_per_chip": _usable_hbm_bytes(args.topology),
+  summary = {**_search_setting(args, chips),
              "largest_images_per_chip": largest, "batch_step": args.batch_step,
              "planned_bytes_at_largest": at_largest.get("planned_bytes_per_chip"),
              "bytes_accessed_per_image_at_largest": at_largest.get("bytes_accessed_per_image"),
@@ -379,8 +384,7 @@ def _upper_bound(args, chips):
                                          first=max(1, args.batch_size // chips),
                                          most=args.most_per_chip)
   largest_fitting = max((r["images_per_chip"] for r in records if r.get("fits")), default=None)
-  summary = {**_setting(args), "chips": chips,
-             "usable_hbm_bytes_per_chip": _usable_hbm_bytes(args.topology),
+  summary = {**_search_setting(args, chips),
              "smallest_refused_images_per_chip": bound,
              "largest_compiled_fitting_images_per_chip": largest_fitting and int(largest_fitting),
              "batch_step": args.batch_step, "probe_seconds": args.probe_seconds,
