@@ -215,19 +215,6 @@ config = _tiny_config({data_dir!r})
 config.update(distributed=True, coordinator_address={address!r}, num_processes=2, process_id={index})
 """
 
-_PROCESS = _PROCESS_SETUP + """
-config.train.update(batch_size=2, epochs={epochs}, steps_per_epoch=3, shard_state={shard_state})
-config.eval.batch_size = 2
-state, result = train.train(config, {workdir!r})
-assert jax.process_count() == 2 and len(jax.devices()) == 2
-# The COCO evaluation runs on process 0; every process gets its metrics.
-assert set(result.metrics) >= {{"AP", "AP50"}}
-print("metrics", result.metrics["AP"], result.metrics["AP50"])
-from yolov9_jax import sharding
-params, ema_params = sharding.to_host((state.params, state.ema_params))  # gathered when sharded
-np.save({out!r}, np.stack([params, ema_params]))
-"""
-
 
 def _start_two_processes(template, config, workdir, **fields):
   """Starts ``template`` (a script) as two jax.distributed processes on localhost."""
@@ -258,32 +245,36 @@ def _finish(processes, timeout=1200):
         p.communicate()
 
 
-def _run_two_processes(config, workdir, out_prefix, epochs=1, shard_state=False):
-  """Runs train.train in two jax.distributed processes on localhost; returns their outputs and
-  the (params, EMA params) each ended with."""
-  processes = _start_two_processes(_PROCESS, config, workdir, out=f"{out_prefix}{{index}}.npy",
-                                   epochs=epochs, shard_state=shard_state)
-  outputs = _finish(processes)
-  assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-  return outputs, [np.load(f"{out_prefix}{index}.npy") for index in range(2)]
-
-
 _KILLABLE = _PROCESS_SETUP + """
 config.heartbeat_timeout_seconds = {heartbeat}
-config.train.update(batch_size=2, epochs=12, steps_per_epoch=3, checkpoint_every_steps=3)
-config.eval.update(batch_size=2, every_epochs=100)
-train.run(config, {workdir!r})
+config.train.update(batch_size=2, epochs=8, steps_per_epoch=3, checkpoint_every_steps=3,
+                    shard_state=True)
+config.eval.update(batch_size=2, every_epochs=4)
+state, result = train.run(config, {workdir!r})
+assert jax.process_count() == 2 and len(jax.devices()) == 2
+# The COCO evaluation runs on process 0; every process gets its metrics.
+print("metrics", result.metrics["AP"], result.metrics["AP50"])
+from yolov9_jax import sharding
+params, ema_params = sharding.to_host((state.params, state.ema_params))  # gathered: no process holds them
+np.save({out!r}, np.stack([params, ema_params]))
 print("finished")
 """
 
 
-def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout_and_both_resume(
+def test_two_processes_with_sharded_state_survive_a_killed_one_resume_evaluate_save_best_and_export(
     straight_run, tmp_path, every_subprocess_slot):
+  """Two jax.distributed processes with train.shard_state (no process holds the whole state).
+  One is killed mid-training: the other stops within the heartbeat timeout, naming the lost one.
+  Both rerun: they resume from the last checkpoint (written by both), evaluate (the EMA gathered
+  from both), keep the best checkpoint, and end in lockstep; one process then reads the
+  checkpoint back whole for export. One scenario, not two: each pair of processes compiles the
+  train step for minutes on this machine's two cores."""
   config, _, _, _ = straight_run
   workdir, heartbeat = tmp_path / "run", 10
-  processes = _start_two_processes(_KILLABLE, config, workdir, heartbeat=heartbeat)
+  outs = {"out": str(tmp_path / "ended{index}.npy"), "heartbeat": heartbeat}
+  processes = _start_two_processes(_KILLABLE, config, workdir, **outs)
   try:
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + 600
     while not any(p.name.isdigit() and int(p.name) >= 6 for p in (workdir / checkpoint.LAST).glob("*")):
       assert time.monotonic() < deadline and all(p.poll() is None for p in processes)
       time.sleep(0.2)
@@ -303,41 +294,30 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout_and_both_
   saved = checkpoint.Checkpoints(workdir)
   last = saved.latest_step()
   saved.close()
-  assert last >= 6
+  assert 6 <= last < 24
 
-  outputs = _finish(_start_two_processes(_KILLABLE, config, workdir, heartbeat=heartbeat))
+  processes = _start_two_processes(_KILLABLE, config, workdir, **outs)
+  outputs = _finish(processes)
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
   for output in outputs:
     assert f"resumed from {workdir} at step {last}" in output and "finished" in output, output[-3000:]
-
-
-def test_two_processes_with_sharded_state_evaluate_save_resume_and_export(
-    straight_run, tmp_path, every_subprocess_slot):
-  """train.shard_state across processes: no process holds the whole EMA; the evaluation gathers
-  it, the checkpoints (last and best) are written by both, resumed by both, and read back whole
-  by one process for export."""
-  config, _, _, _ = straight_run
-  workdir = tmp_path / "run"
-  outputs, ended = _run_two_processes(config, workdir, tmp_path / "first", shard_state=True)
   # In lockstep: both processes end with the same whole vectors (each gathered them) and both
-  # received the evaluation's metrics, which only process 0 computes.
+  # received the final evaluation's metrics, which only process 0 computes.
+  ended = [np.load(tmp_path / f"ended{index}.npy") for index in range(2)]
   np.testing.assert_array_equal(ended[0], ended[1])
   assert np.isfinite(ended[0]).all()
   metrics = [[line for line in out.splitlines() if line.startswith("metrics ")] for out in outputs]
   assert len(metrics[0]) == 1 and metrics[0] == metrics[1], metrics
   checkpoints = checkpoint.Checkpoints(workdir)
-  assert checkpoints.latest_step() == 3 and checkpoints.best.all_steps() == [3]
+  assert checkpoints.latest_step() == 24 and set(checkpoints.best.all_steps()) <= {12, 24}
+  assert checkpoints.best.all_steps()
   checkpoints.close()
-  outputs, resumed = _run_two_processes(config, workdir, tmp_path / "second", epochs=2,
-                                        shard_state=True)
-  assert all(f"resumed from {workdir} at step 3" in out for out in outputs), outputs[0][-2000:]
-  np.testing.assert_array_equal(resumed[0], resumed[1])
-  assert not np.array_equal(resumed[0], ended[0]) and np.isfinite(resumed[0]).all()
 
   # One process reads the checkpoint the two wrote (it names devices this process lacks).
   name, variables, meta = checkpoint.load_model_variables(workdir)
   assert name == "gelan-t" and meta["config"]["train"]["shard_state"]
   flat_ema = train_state.Layout.of(variables).flatten_params(variables["params"])
-  np.testing.assert_array_equal(np.asarray(flat_ema), resumed[0][1][:flat_ema.size])
+  np.testing.assert_array_equal(np.asarray(flat_ema), ended[0][1][:flat_ema.size])
   exported_variables, _ = weights.load(workdir, "gelan-t")
   written = interop.export_official_weights("gelan-t", exported_variables, tmp_path / "out" / "gelan-t")
   _, loaded, _ = interop.load_torch_checkpoint(written[0])
