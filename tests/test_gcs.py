@@ -13,6 +13,8 @@ from conftest import REPO_ROOT
 import gcs_emulator
 
 _SCRIPT = """
+import os
+import signal
 import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 from yolov9_jax import interop, paths, weights
@@ -31,10 +33,24 @@ paths.copy_tree(paths.user_path(builder.data_dir).parent, "gs://test-bucket/tfds
 paths.user_path("gs://test-bucket/val.json").write_bytes(paths.user_path(annotations).read_bytes())
 config.data.update(source="tfds", name=builder.name, data_dir="gs://test-bucket/tfds",
                    eval_annotations="gs://test-bucket/val.json")
-config.train.update(epochs=2, steps_per_epoch=2, checkpoint_every_steps=2)
-train.train(config, "gs://test-bucket/run")
-config.train.epochs = 3
-state, result = train.train(config, "gs://test-bucket/run")  # resumes at step 4
+# The first run is preempted after step 2: SIGTERM, the notice a TPU VM gets before it goes.
+# The rerun, with the same config (and so the same programs: test_train_loop's runs of this
+# config leave them in the compilation cache), resumes there and ends at step 12.
+create_writer = train.writers.create
+def create_writer_preempted_at_step_2(*args):
+  writer = create_writer(*args)
+  write_scalars = writer.write_scalars
+  def write_then_preempt(step, scalars):
+    write_scalars(step, scalars)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+  writer.write_scalars = write_then_preempt
+  return writer
+train.writers.create = create_writer_preempted_at_step_2
+state, result = train.train(config, "gs://test-bucket/run")
+assert result is None and int(state.iteration) == 2
+train.writers.create = create_writer
+state, result = train.train(config, "gs://test-bucket/run")
 print("trained", int(state.iteration), result.metrics["AP50"])
 eval_script.main(["eval.py", "--model=gelan-t", "--weights=gs://test-bucket/run",
                   "--data_dir=gs://test-bucket/tfds", "--dataset=" + builder.name, "--image_size=64",
@@ -58,8 +74,8 @@ def test_train_resume_evaluate_and_export_on_gs(gcs_server, tmp_path, a_subproce
   done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                         timeout=1200, env={**os.environ, **gcs_emulator.client_env(**gcs_server)})
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-  assert "resumed from gs://test-bucket/run at step 4" in done.stdout
-  assert "trained 6" in done.stdout
+  assert "resumed from gs://test-bucket/run at step 2" in done.stdout
+  assert "trained 12" in done.stdout
   assert not (tmp_path / "gs:").exists()  # nothing went to a local folder named "gs:"
 
   objects = gcs_emulator.list_objects(gcs_server["emulator"])
@@ -68,12 +84,14 @@ def test_train_resume_evaluate_and_export_on_gs(gcs_server, tmp_path, a_subproce
                "eval/pr_curve.png", "eval/confusion_matrix.png", "export/gelan-t.pt",
                "export/gelan-t.safetensors"):
     assert objects.get(name, 0) > 0, (name, sorted(objects)[:50])
-  for prefix in ("run/checkpoints/2/", "run/checkpoints/4/", "run/checkpoints/6/", "run/best/",
+  for prefix in ("run/checkpoints/4/", "run/checkpoints/8/", "run/checkpoints/12/", "run/best/",
                  "run/tensorboard/"):
     assert any(name.startswith(prefix) for name in objects), prefix
   lines = gcs_emulator.read_object(gcs_server["emulator"], "run/metrics.jsonl").decode().splitlines()
   steps = [json.loads(line)["step"] for line in lines]
-  assert steps == sorted(steps) and 6 in steps and sum("eval/AP" in line for line in lines) >= 2
+  # Both runs' lines (2 from the first): the rerun added to the file, which gs:// cannot append to.
+  assert steps == sorted(steps) and steps[0] == 2 and 12 in steps
+  assert sum("eval/AP" in line for line in lines) == 1
   # The dataset's own category ids (shapes: 1..3), read from its categories.json on gs://.
   predictions = json.loads(gcs_emulator.read_object(gcs_server["emulator"], "eval/predictions.json"))
   assert predictions and {p["category_id"] for p in predictions} <= {1, 2, 3}
