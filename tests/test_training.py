@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 from conftest import REPO_ROOT, slow_test
 
 from configs import common
@@ -196,6 +197,23 @@ def test_a_step_sharded_over_8_devices_equals_the_single_device_step(gelan_t_20_
                                rtol=1e-5, atol=1e-7, err_msg=name)
   fresh = train_state.create(variables, single.layout, training.tx, False)
   assert not np.allclose(single.params, fresh.params)
+
+
+def test_host_vectors_unravel_with_numpy_into_the_trees_jax_unravels(gelan_t_20_classes):
+  """The evaluation's EMA weights and a checkpoint read for export are NumPy vectors: cut with
+  NumPy (no program compiled), they must give the trees jnp's unravel gives, leaf by leaf."""
+  _, variables = gelan_t_20_classes
+  layout = train_state.Layout.of(variables, pad_to=8)
+  params = np.asarray(layout.flatten_params(variables["params"]))
+  params = params + np.arange(params.size, dtype=params.dtype)  # no two entries alike
+  batch_stats = np.asarray(ravel_pytree(variables["batch_stats"])[0])
+  assert params.size > sum(layout.leaf_sizes)  # padded: the padding is dropped
+  on_host = layout.variables(params, batch_stats)
+  with_jax = layout.variables(jnp.asarray(params), jnp.asarray(batch_stats))
+  assert jax.tree.structure(on_host) == jax.tree.structure(with_jax)
+  for host_leaf, jax_leaf in zip(jax.tree.leaves(on_host), jax.tree.leaves(with_jax)):
+    assert isinstance(host_leaf, np.ndarray) and host_leaf.dtype == jax_leaf.dtype
+    np.testing.assert_array_equal(host_leaf, np.asarray(jax_leaf))
 
 
 def test_a_nonfinite_step_changes_nothing_but_the_counters(gelan_t_20_classes):
