@@ -186,7 +186,7 @@ def test_a_step_sharded_over_8_devices_equals_the_single_device_step(gelan_t_20_
       assert training.compilations == 1
       results.append((jax.device_get(state), seen))
   (single, single_seen), (sharded, sharded_seen) = results
-  size = sum(single.layout.leaf_sizes)
+  size = single.layout.parameter_count
   for (_, metrics), (_, single_metrics) in zip(sharded_seen, single_seen):
     for name in ("loss", "box", "cls", "dfl", "grad_norm"):
       np.testing.assert_allclose(metrics[name], single_metrics[name], rtol=1e-5, err_msg=name)
@@ -207,7 +207,7 @@ def test_host_vectors_unravel_with_numpy_into_the_trees_jax_unravels(gelan_t_20_
   params = np.asarray(layout.flatten_params(variables["params"]))
   params = params + np.arange(params.size, dtype=params.dtype)  # no two entries alike
   batch_stats = np.asarray(ravel_pytree(variables["batch_stats"])[0])
-  assert params.size > sum(layout.leaf_sizes)  # padded: the padding is dropped
+  assert params.size > layout.parameter_count  # padded: the padding is dropped
   on_host = layout.variables(params, batch_stats)
   with_jax = layout.variables(jnp.asarray(params), jnp.asarray(batch_stats))
   assert jax.tree.structure(on_host) == jax.tree.structure(with_jax)

@@ -26,12 +26,21 @@ class Layout:
   """How the flat vectors map to the variable trees, and which entries are in which group."""
   unravel_params: Callable
   unravel_batch_stats: Callable
-  leaf_sizes: tuple        # parameter leaves in ravel order
   padded_size: int         # the flat parameter vectors' length: padded to split evenly (FSDP)
   bias_leaves: tuple       # official group 0: every bias (BatchNorm beta and conv biases)
   kernel_leaves: tuple     # official group 1: conv kernels, the only ones with weight decay
   params_shapes: Any       # ShapeDtypeStruct trees of the unravelled forms
   batch_stats_shapes: Any
+
+  @property
+  def leaf_sizes(self):
+    """The parameter leaves' sizes, in ravel order."""
+    return tuple(leaf.size for leaf in jax.tree.leaves(self.params_shapes))
+
+  @property
+  def parameter_count(self):
+    """The flat parameter vectors' length before padding."""
+    return sum(self.leaf_sizes)
 
   @classmethod
   def of(cls, variables, pad_to=1):
@@ -43,7 +52,7 @@ class Layout:
     last = [path[-1].key for path, _ in paths]
     sizes = tuple(int(np.size(x)) for _, x in paths)
     shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
-    return cls(unravel_params, unravel_batch_stats, sizes, -(-sum(sizes) // pad_to) * pad_to,
+    return cls(unravel_params, unravel_batch_stats, -(-sum(sizes) // pad_to) * pad_to,
                tuple(name == "bias" for name in last), tuple(name == "kernel" for name in last),
                shapes(variables["params"]), shapes(variables["batch_stats"]))
 
@@ -54,7 +63,7 @@ class Layout:
   def masks(self):
     """(bias, kernel) boolean vectors over the flat parameters. They live in the state, not in
     the compiled step: as constants XLA would spend minutes folding them."""
-    padding = self.padded_size - sum(self.leaf_sizes)
+    padding = self.padded_size - self.parameter_count
     per_entry = lambda flags: np.pad(np.repeat(np.asarray(flags), self.leaf_sizes), (0, padding))
     return per_entry(self.bias_leaves), per_entry(self.kernel_leaves)
 
@@ -65,7 +74,7 @@ class Layout:
     if isinstance(params, np.ndarray) and isinstance(batch_stats, np.ndarray):
       return {"params": _split_on_host(params, self.params_shapes),
               "batch_stats": _split_on_host(batch_stats, self.batch_stats_shapes)}
-    return {"params": self.unravel_params(params[:sum(self.leaf_sizes)]),
+    return {"params": self.unravel_params(params[:self.parameter_count]),
             "batch_stats": self.unravel_batch_stats(batch_stats)}
 
 
@@ -199,7 +208,7 @@ class CheckpointForm:
 
   def _unravel(self, state):
     layout = state.layout
-    unravel_params = lambda flat: layout.unravel_params(flat[:sum(layout.leaf_sizes)])
+    unravel_params = lambda flat: layout.unravel_params(flat[:layout.parameter_count])
     tree = {}
     for field in dataclasses.fields(TrainState):
       value = getattr(state, field.name)
