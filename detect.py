@@ -39,18 +39,12 @@ from yolov9_jax.data import pipeline, transforms, visualize  # noqa: E402
 from yolov9_jax.deploy import runtimes  # noqa: E402
 from yolov9_jax.evaluation import coco_metrics, evaluator  # noqa: E402
 
-# This script's own flags (eval.py has flags of the same names; both run in one test process).
+# This script's own flags (eval.py has some of the same names; both run in one test process).
 FLAGS = flags.FlagValues()
-run_config.define_flag(FLAGS)
-flags.DEFINE_string("model", None, "architecture, e.g. gelan-c or yolov9-c (default: the config's "
-                    "model.name)", flag_values=FLAGS)
-flags.DEFINE_string("weights", None, "a train.py workdir or checkpoint (EMA weights), or a "
-                    "weights file: .msgpack, .npz, an official .pt or .safetensors",
-                    flag_values=FLAGS)
+run_config.define_model_flags(FLAGS, f"{run_config.WEIGHTS_HELP}; or a detector of export.py "
+                              f"({', '.join(runtimes.SUFFIXES)} or a SavedModel folder)")
 flags.DEFINE_list("class_names", None, "class names in label order (default: the weights', else "
                   "the --config dataset's, else label numbers)", flag_values=FLAGS)
-flags.DEFINE_integer("image_size", None, "letterbox side, a multiple of 32 (default: the config's "
-                     "augment.image_size, else 640)", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 8, "images per step, divisible by the number of devices",
                      flag_values=FLAGS)
 flags.DEFINE_float("conf_threshold", 0.25, "minimum class score", flag_values=FLAGS)
@@ -118,10 +112,7 @@ def main(argv):
 def _jax_detector(weights_path):
   """(run_batch, class names, image size, batch size) for weights or a workdir, jitted here."""
   config = run_config.training_config(FLAGS.config, weights_path)
-  model = FLAGS.model or (config.model.name if config else None)
-  if model is None:
-    raise ValueError("detect.py needs --model (or a --config, or a train.py workdir as --weights)")
-  image_size = FLAGS.image_size or (config.augment.image_size if config else 640)
+  model, image_size = run_config.model_and_image_size(FLAGS, config, "detect.py")
   models.check_image_size(image_size, "--image_size")
   variables, info = weights.load(weights_path, model)
   mesh = sharding.make_mesh()

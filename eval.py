@@ -36,14 +36,9 @@ from absl import flags  # noqa: E402
 from yolov9_jax import paths, run_config, weights  # noqa: E402
 from yolov9_jax.evaluation import evaluator, plots  # noqa: E402
 
-# This script's own flags (detect.py has flags of the same names; both run in one test process).
+# This script's own flags (detect.py has some of the same names; both run in one test process).
 FLAGS = flags.FlagValues()
-run_config.define_flag(FLAGS)
-flags.DEFINE_string("model", None, "architecture, e.g. gelan-c or yolov9-c (default: the config's "
-                    "model.name)", flag_values=FLAGS)
-flags.DEFINE_string("weights", None, "a train.py workdir or checkpoint (EMA weights), or a "
-                    "weights file: .msgpack, .npz, an official .pt or .safetensors",
-                    flag_values=FLAGS)
+run_config.define_model_flags(FLAGS)
 flags.DEFINE_string("data_dir", None, "with --dataset: the TFDS data_dir holding a prepared "
                     "dataset (short for --config.data.source=tfds --config.data.data_dir=...)",
                     flag_values=FLAGS)
@@ -53,8 +48,6 @@ flags.DEFINE_string("split", None, "split to evaluate (default: the config's dat
                     "else validation)", flag_values=FLAGS)
 flags.DEFINE_string("annotations", None, "COCO instances JSON of the split (official numbers; "
                     "default: the config's data.eval_annotations)", flag_values=FLAGS)
-flags.DEFINE_integer("image_size", None, "letterbox side, a multiple of 32 (default: the config's "
-                     "augment.image_size, else 640)", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 32, "global batch, divisible by the number of devices",
                      flag_values=FLAGS)
 flags.DEFINE_boolean("rectangular", True, "the official batches: sorted by aspect ratio, each "
@@ -101,9 +94,7 @@ def main(argv):
     raise FileNotFoundError(f"weights file or checkpoint directory "
                             f"{paths.user_path(FLAGS.weights)} does not exist")
   config = run_config.training_config(FLAGS.config, FLAGS.weights)
-  model = FLAGS.model or (config.model.name if config else None)
-  if model is None:
-    raise ValueError("eval.py needs --model (or a --config, or a train.py workdir as --weights)")
+  model, image_size = run_config.model_and_image_size(FLAGS, config, "eval.py")
   if FLAGS.dataset or FLAGS.data_dir:
     if not (FLAGS.dataset and FLAGS.data_dir):
       raise ValueError("--dataset and --data_dir go together (a prepared TFDS dataset)")
@@ -120,7 +111,6 @@ def main(argv):
   else:
     raise ValueError("eval.py needs a dataset: --config (and --config.data.* fields, as train.py "
                      "takes them), a train.py workdir as --weights, or --data_dir with --dataset")
-  image_size = FLAGS.image_size or (config.augment.image_size if config else 640)
   variables, _ = weights.load(FLAGS.weights, model, num_classes=len(category_ids))
   annotations = paths.user_path(annotations) if annotations else None
   if annotations and not annotations.is_file():

@@ -346,6 +346,9 @@ def test_eval_and_detect_name_what_they_miss(tmp_path):
     scripts["eval"].main(["eval.py", "--model=gelan-t", f"--weights={weights_file}", "--dataset=x"])
   with pytest.raises(ValueError, match="detect.py needs --weights, images"):
     scripts["detect"].main(["detect.py"])
+  (tmp_path / "photo.jpg").write_bytes(b"")
+  with pytest.raises(ValueError, match="detect.py needs --model"):
+    scripts["detect"].main(["detect.py", f"--weights={weights_file}", str(tmp_path / "photo.jpg")])
   # A config names the dataset; its YAML must exist (the error names it).
   with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
     scripts["eval"].main(["eval.py", "--config=configs/custom.py:gelan-t",

@@ -6,6 +6,7 @@ entry point names a dataset the same way: ``--config=configs/custom.py:gelan-c
 import sys
 
 import ml_collections
+from absl import flags
 from ml_collections import config_flags
 
 from configs import common
@@ -19,8 +20,32 @@ HELP = ("a training config, configs/<file>.py[:argument], with any --config.<fie
         "train.py workdir or checkpoint given as --weights")
 
 
+WEIGHTS_HELP = ("a train.py workdir or checkpoint (EMA weights), or a weights file: .msgpack, "
+                ".npz, an official .pt or .safetensors")
+
+
 def define_flag(flag_values):
   config_flags.DEFINE_config_file("config", None, HELP, flag_values=flag_values, lock_config=False)
+
+
+def define_model_flags(flag_values, weights_help=WEIGHTS_HELP):
+  """--config, --model, --weights and --image_size, which eval.py and detect.py share (each its
+  own ``flag_values``: both run in one test process). ``model_and_image_size`` reads them."""
+  define_flag(flag_values)
+  flags.DEFINE_string("model", None, "architecture, e.g. gelan-c or yolov9-c (default: the "
+                      "config's model.name)", flag_values=flag_values)
+  flags.DEFINE_string("weights", None, weights_help, flag_values=flag_values)
+  flags.DEFINE_integer("image_size", None, "letterbox side, a multiple of 32 (default: the "
+                       "config's augment.image_size, else 640)", flag_values=flag_values)
+
+
+def model_and_image_size(flag_values, config, program):
+  """(architecture, letterbox side): the flags', else the training ``config``'s (None: none
+  given), else 640 for the side; an error naming ``program`` when no architecture is known."""
+  model = flag_values.model or (config.model.name if config else None)
+  if model is None:
+    raise ValueError(f"{program} needs --model (or a --config, or a train.py workdir as --weights)")
+  return model, flag_values.image_size or (config.augment.image_size if config else 640)
 
 
 def parse(flag_values, argv):
