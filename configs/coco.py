@@ -8,18 +8,14 @@ dataset is TFDS coco/2017 prepared as array_record (docs/training.md); the publi
 (FACTS.md §9) were trained at a global batch of 128 (8 GPUs x 16) or 64.
 """
 from configs import common
-from yolov9_jax import models
 
 
 TRAIN_IMAGES = 118_287  # train2017: one epoch of the schedules
 
 
 def get_config(model="yolov9-c"):
-  if model not in models.ARCHITECTURES:
-    raise ValueError(f"configs/coco.py: unknown model {model!r}; expected one of "
-                     f"{sorted(models.ARCHITECTURES)}")
   config = common.base()
-  config.model.name = model
+  config.model.name = common.known_model(model, "configs/coco.py")
   config.model.dtype = "bfloat16"
   config.data.update(source="tfds", name="coco/2017", train_split="train", eval_split="validation")
   config.augment.image_size = 640

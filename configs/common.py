@@ -2,9 +2,18 @@
 (``shapes_demo.py``, ``coco.py``) start from ``base()`` and change what they need."""
 import ml_collections
 
-from yolov9_jax import losses
+from yolov9_jax import losses, models
 from yolov9_jax.data import pipeline
 from yolov9_jax.training import optimizer
+
+
+def known_model(model, config_file):
+  """``model`` (a config file's argument) when it names an architecture, else an error that lists
+  them: at once, before a long job starts."""
+  if model not in models.ARCHITECTURES:
+    raise ValueError(f"{config_file}: unknown model {model!r}; expected one of "
+                     f"{sorted(models.ARCHITECTURES)}")
+  return model
 
 
 def base() -> ml_collections.ConfigDict:

@@ -19,15 +19,11 @@ and evaluated after every epoch as the official trainer does (the best checkpoin
 bfloat16 compute (on a CPU: --config.model.dtype=float32).
 """
 from configs import common
-from yolov9_jax import models
 
 
 def get_config(model="gelan-c"):
-  if model not in models.ARCHITECTURES:
-    raise ValueError(f"configs/custom.py: unknown model {model!r}; expected one of "
-                     f"{sorted(models.ARCHITECTURES)}")
   config = common.base()
-  config.model.name = model
+  config.model.name = common.known_model(model, "configs/custom.py")
   config.model.dtype = "bfloat16"
   config.data.update(source="yolo", data_dir="")
   config.augment.image_size = 640
