@@ -24,14 +24,10 @@ WEIGHTS_HELP = ("a train.py workdir or checkpoint (EMA weights), or a weights fi
                 ".npz, an official .pt or .safetensors")
 
 
-def define_flag(flag_values):
-  config_flags.DEFINE_config_file("config", None, HELP, flag_values=flag_values, lock_config=False)
-
-
 def define_model_flags(flag_values, weights_help=WEIGHTS_HELP):
   """--config, --model, --weights and --image_size, which eval.py and detect.py share (each its
   own ``flag_values``: both run in one test process). ``model_and_image_size`` reads them."""
-  define_flag(flag_values)
+  config_flags.DEFINE_config_file("config", None, HELP, flag_values=flag_values, lock_config=False)
   flags.DEFINE_string("model", None, "architecture, e.g. gelan-c or yolov9-c (default: the "
                       "config's model.name)", flag_values=flag_values)
   flags.DEFINE_string("weights", None, weights_help, flag_values=flag_values)
